@@ -1,0 +1,64 @@
+"""The whole index pipeline (NDS "server, offline"): extract -> cluster -> train_experts -> compute_weights."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows._common import workspace_and_params
+from flows.cluster import cluster
+from flows.compute_weights import compute_weights
+from flows.extract import extract
+from flows.train_experts import train_experts
+from nds import versioning
+from nds.report import index_summary_markdown
+
+
+@task(name="dvc-commit")
+def dvc_commit(root: str | None) -> bool:
+    ws, _ = workspace_and_params(root)
+    return versioning.commit_outputs(ws)
+
+
+@flow(name="index")
+def index(root: str | None = None, progress: bool = False) -> dict:
+    ws, params = workspace_and_params(root)
+    seconds: dict[str, float] = {}
+
+    def timed(name, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        seconds[name] = round(time.perf_counter() - t0, 2)
+        return out
+
+    ext = timed("extract", extract, root, progress)
+    cl = timed("cluster", cluster, root)
+    runner = ThreadPoolTaskRunner(max_workers=params.train_experts.workers)
+    bundle = timed("train_experts", train_experts.with_options(task_runner=runner), root)
+    wts = timed("compute_weights", compute_weights, root, dict(seconds))
+    versioned = dvc_commit(root)
+    summary = {
+        "index_version": bundle["index_version"],
+        "n_samples": ext["n_samples"],
+        "n_datasets": wts["n_datasets"],
+        "k": cl["k"],
+        "nmi_dataset": cl["nmi_dataset"],
+        "rotation_accuracy": [e["rotation_accuracy"] for e in bundle["experts"]],
+        "stage_seconds": seconds,
+        "extract_images_per_second": ext["images_per_second"],
+        "warehouse": str(ws.warehouse_path),
+        "artifacts": str(ws.artifacts_dir),
+        "bundle": str(ws.stage_dir("experts")),
+        "dvc_versioned": versioned,
+    }
+    create_markdown_artifact(
+        key="index-summary", markdown=index_summary_markdown(summary, cl), description="NDS index build"
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    index(progress=True)

@@ -1,0 +1,50 @@
+"""Stage 3: one rotation expert per cluster, trained as independent tasks."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows._common import workspace_and_params
+from nds import pipeline
+from nds.params import load_params
+from nds.config import Workspace
+
+
+@task(name="plan-experts")
+def plan_experts(root: str | None) -> list[int]:
+    ws, params = workspace_and_params(root)
+    return pipeline.plan_experts(ws, params)
+
+
+@task(name="train-expert", retries=0)
+def train_expert(root: str | None, k: int) -> dict:
+    ws, params = workspace_and_params(root)
+    return pipeline.train_one_expert(ws, params, k)
+
+
+@task(name="write-bundle")
+def write_bundle(root: str | None, entries: list[dict]) -> dict:
+    ws, params = workspace_and_params(root)
+    return pipeline.finish_experts(ws, params, entries)
+
+
+def _workers(root: str | None) -> int:
+    return load_params(Workspace.from_env(root).params_path).train_experts.workers
+
+
+@flow(name="train_experts")
+def train_experts(root: str | None = None) -> dict:
+    ks = plan_experts(root)
+    futures = train_expert.map(root, ks)
+    return write_bundle(root, [f.result() for f in futures])
+
+
+def train_experts_with_workers(root: str | None = None) -> dict:
+    """Run the flow with as many concurrent expert tasks as train_experts.workers says."""
+    runner = ThreadPoolTaskRunner(max_workers=_workers(root))
+    return train_experts.with_options(task_runner=runner)(root)
+
+
+if __name__ == "__main__":
+    train_experts_with_workers()

@@ -1,0 +1,102 @@
+"""Split the source into K parts: k-means on features, or the label partitions of the paper."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+
+from nds.errors import NDSError
+from nds.params import ClusterParams
+
+log = logging.getLogger(__name__)
+
+#: MiniBatchKMeans batch: large enough for stable centroids, small enough to stream.
+KMEANS_BATCH = 4096
+
+
+def _prepare(features: np.ndarray, pca_dim: int, seed: int) -> np.ndarray:
+    """L2-normalise (cosine geometry suits CNN features) and optionally PCA-reduce."""
+    x = np.asarray(features, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if pca_dim and pca_dim < x.shape[1] and pca_dim < x.shape[0]:
+        from sklearn.decomposition import PCA
+
+        x = PCA(n_components=pca_dim, random_state=seed, svd_solver="randomized").fit_transform(x)
+    return x.astype(np.float32, copy=False)
+
+
+def assign_kmeans(features: np.ndarray, *, k: int, pca_dim: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """k-means on `features: (n, dim)`; returns `(assignments (n,) int32, centroids (k, d) float32)`.
+
+    Clusters are renumbered by decreasing size (ties by first member) so expert ids are stable
+    and readable; every cluster is non-empty.
+    """
+    from sklearn.cluster import MiniBatchKMeans
+
+    n = len(features)
+    if k < 1:
+        raise NDSError(f"cluster.k must be >= 1, got {k}")
+    if k > n:
+        raise NDSError(f"cluster.k={k} exceeds the {n} source samples; lower cluster.k in params.yaml")
+    if not np.isfinite(features).all():
+        raise NDSError("features contain NaN/inf; rerun the extract stage")
+    x = _prepare(features, pca_dim, seed)
+    km = MiniBatchKMeans(
+        n_clusters=k, random_state=seed, batch_size=min(KMEANS_BATCH, n), n_init=3, max_iter=200
+    ).fit(x)
+    labels = km.predict(x)
+    return _renumber(labels, km.cluster_centers_.astype(np.float32))
+
+
+def _renumber(labels: np.ndarray, centroids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    used, first_idx, sizes = np.unique(labels, return_index=True, return_counts=True)
+    order = np.lexsort((first_idx, -sizes))  # biggest first, ties by first occurrence
+    new_id = np.empty(used.max() + 1, dtype=np.int32)
+    new_id[used[order]] = np.arange(len(used), dtype=np.int32)
+    cents = centroids[used[order]] if centroids is not None else np.zeros((len(used), 0), np.float32)
+    return new_id[labels].astype(np.int32), cents
+
+
+def assign_by_group(groups: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Partition by a label column (`groups: (n,) str`); returns (assignments, group name per cluster)."""
+    names, labels = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    assignments, _ = _renumber(labels, None)
+    order = np.empty(len(names), dtype=object)
+    order[assignments] = names[labels]
+    return assignments, [str(s) for s in order]
+
+
+def compute_cluster_sizes(assignments: np.ndarray, k: int) -> np.ndarray:
+    """(k,) int64 member count per cluster."""
+    return np.bincount(np.asarray(assignments), minlength=k).astype(np.int64)
+
+
+def compute_nmi(assignments: np.ndarray, groups: np.ndarray) -> float:
+    """Normalized mutual information between clusters and a grouping (e.g. domain)."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    return float(normalized_mutual_info_score(np.asarray(groups).astype(str), assignments))
+
+
+#: method -> (features, datasets, labels, params) -> (assignments, centroids-or-None, names)
+ClusterFn = Callable[[np.ndarray, np.ndarray, np.ndarray, ClusterParams], tuple]
+
+
+def _kmeans(features, datasets, labels, p: ClusterParams):
+    a, c = assign_kmeans(features, k=p.k, pca_dim=p.pca_dim, seed=p.seed)
+    return a, c, [f"kmeans-{i}" for i in range(len(c))]
+
+
+def _by_dataset(features, datasets, labels, p: ClusterParams):
+    a, names = assign_by_group(datasets)
+    return a, None, names
+
+
+def _by_label(features, datasets, labels, p: ClusterParams):
+    a, names = assign_by_group(np.char.add(np.char.add(datasets.astype(str), ":"), labels.astype(str)))
+    return a, None, names
+
+
+CLUSTERERS: dict[str, ClusterFn] = {"kmeans": _kmeans, "dataset": _by_dataset, "label": _by_label}

@@ -1,0 +1,253 @@
+"""Rotation experts: one small CNN per cluster, trained to predict 0/90/180/270 degrees.
+
+The expert bundle (`experts/` with `expert_XXX.pt` files and `bundle.json`) is what clients
+download: small, self-describing (architecture, input size, preprocessing) and checksummed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from nds.errors import NDSError
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = 1
+N_ROTATIONS = 4
+#: Experts see the corpus at its stored size; no resize keeps client and server identical.
+EXPERT_INPUT_SIZE = 32
+#: Per-channel normalisation applied by experts (documented in bundle.json for clients).
+PREPROCESSING = {"scale": 1 / 255.0, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "layout": "NCHW RGB"}
+
+
+def _rotnet_small():
+    import torch.nn as nn
+
+    def block(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+    class RotNetSmall(nn.Module):
+        """~0.1M parameters: three conv stages, global pooling, a 4-way rotation head."""
+
+        feature_dim = 128
+
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(
+                block(3, 32), nn.MaxPool2d(2),
+                block(32, 64), nn.MaxPool2d(2),
+                block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            )
+            self.head = nn.Linear(128, N_ROTATIONS)
+
+        def forward(self, x):
+            return self.head(self.features(x))
+
+    return RotNetSmall()
+
+
+#: Architecture registry: bundle.json names the key, clients rebuild the model from it.
+ARCHITECTURES: dict[str, Callable] = {"rotnet_small": _rotnet_small}
+
+
+def build_expert(arch: str):
+    try:
+        return ARCHITECTURES[arch]()
+    except KeyError:
+        raise NDSError(f"unknown expert architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}") from None
+
+
+def preprocess(images: np.ndarray):
+    """uint8 (n, 32, 32, 3) -> normalised float tensor (n, 3, 32, 32)."""
+    import torch
+
+    if images.ndim != 4 or images.shape[1:] != (EXPERT_INPUT_SIZE, EXPERT_INPUT_SIZE, 3):
+        raise NDSError(f"experts take uint8 images of shape (n, 32, 32, 3), got {images.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().mul_(PREPROCESSING["scale"])
+    mean = torch.tensor(PREPROCESSING["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(PREPROCESSING["std"]).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def rotate_batch(x):
+    """(n, C, H, W) -> all four rotations (4n, C, H, W) and their labels (4n,)."""
+    import torch
+
+    rots = [torch.rot90(x, r, dims=(2, 3)) for r in range(N_ROTATIONS)]
+    labels = torch.arange(N_ROTATIONS).repeat_interleave(len(x))
+    return torch.cat(rots), labels
+
+
+def rotation_accuracy(model, images: np.ndarray, *, batch_size: int = 256) -> float:
+    """Share of the 4 rotations of `images: (n, 32, 32, 3) uint8` the model gets right."""
+    import torch
+
+    if len(images) == 0:
+        return float("nan")
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for s in range(0, len(images), batch_size):
+            x, y = rotate_batch(preprocess(images[s : s + batch_size]))
+            correct += int((model(x).argmax(1) == y).sum())
+    return correct / (N_ROTATIONS * len(images))
+
+
+def train_expert(
+    images: np.ndarray,
+    *,
+    arch: str = "rotnet_small",
+    epochs: int = 4,
+    max_steps: int = 300,
+    batch_size: int = 128,
+    lr: float = 0.003,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> tuple[object, dict]:
+    """Train one rotation expert on `images: (n, 32, 32, 3) uint8` (one cluster).
+
+    Returns (model, metrics). Deterministic for a given seed and thread count.
+    """
+    import torch
+
+    n = len(images)
+    if n == 0:
+        raise NDSError("cannot train an expert on an empty cluster; lower cluster.k in params.yaml")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    n_val = int(round(n * val_fraction)) if n >= 10 else 0
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    torch.manual_seed(seed)
+    model = build_expert(arch)
+    steps_per_epoch = max(1, int(np.ceil(len(train_idx) / batch_size)))
+    total = min(max_steps, epochs * steps_per_epoch)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.15)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    t0, step, last_loss = time.perf_counter(), 0, float("nan")
+    model.train()
+    while step < total:
+        perm = train_idx[rng.permutation(len(train_idx))]
+        for s in range(0, len(perm), batch_size):
+            if step >= total:
+                break
+            batch = np.sort(perm[s : s + batch_size])
+            x, y = rotate_batch(preprocess(images[batch]))
+            # Random flips keep the rotation task from keying on one pixel pattern.
+            if rng.random() < 0.5:
+                x = torch.flip(x, dims=(3,))
+                y = (N_ROTATIONS - y) % N_ROTATIONS
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            last_loss = float(loss.detach())
+    seconds = time.perf_counter() - t0
+    eval_images = images[np.sort(val_idx)] if n_val else images[np.sort(train_idx)]
+    metrics = {
+        "n_images": int(n),
+        "n_val": int(n_val),
+        "steps": int(step),
+        "final_loss": round(last_loss, 4),
+        "rotation_accuracy": round(rotation_accuracy(model, eval_images), 4),
+        "train_seconds": round(seconds, 3),
+        "images_per_second": round(step * batch_size * N_ROTATIONS / seconds, 1) if seconds else None,
+    }
+    model.eval()
+    return model, metrics
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_expert(model, path: Path, *, meta: dict) -> str:
+    """Atomically write an expert (state_dict + meta); returns the file's sha256."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save({"meta": meta, "state_dict": model.state_dict()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return file_sha256(path)
+
+
+def load_expert(path: Path, *, expected_sha256: str | None = None):
+    """Load one expert; refuses a file whose checksum does not match the bundle."""
+    import torch
+
+    if not path.exists():
+        raise NDSError(f"expert file {path} is missing; fetch the bundle again")
+    if expected_sha256 is not None and file_sha256(path) != expected_sha256:
+        raise NDSError(f"expert file {path} does not match its checksum in bundle.json; fetch the bundle again")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_expert(blob["meta"]["arch"])
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), blob["meta"]
+
+
+def write_bundle(bundle_dir: Path, *, index_version: str, arch: str, experts: list[dict], extra: dict | None = None) -> dict:
+    """Write `bundle.json` (atomically) describing the expert files already in `bundle_dir`."""
+    bundle = {
+        "format": BUNDLE_FORMAT,
+        "index_version": index_version,
+        "k": len(experts),
+        "architecture": arch,
+        "input_size": EXPERT_INPUT_SIZE,
+        "feature_dim": build_expert(arch).feature_dim,
+        "preprocessing": PREPROCESSING,
+        "experts": experts,  # [{"expert": k, "file": ..., "sha256": ..., "n_images": ..., ...}]
+        **(extra or {}),
+    }
+    bundle["bundle_sha256"] = bundle_checksum(bundle)
+    tmp = bundle_dir / f".bundle.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(bundle, indent=2, sort_keys=True))
+    os.replace(tmp, bundle_dir / "bundle.json")
+    return bundle
+
+
+def bundle_checksum(bundle: dict) -> str:
+    """sha256 over the index version and the expert checksums: what a client's scores are tied to."""
+    payload = json.dumps(
+        {"index_version": bundle["index_version"], "experts": [e["sha256"] for e in bundle["experts"]]},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def load_bundle(bundle_dir: Path, *, verify: bool = True) -> dict:
+    """Read `bundle.json`; with `verify`, check every expert file against its checksum."""
+    path = Path(bundle_dir) / "bundle.json"
+    if not path.exists():
+        raise NDSError(f"{path} not found: point --experts at an expert bundle folder")
+    try:
+        bundle = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise NDSError(f"{path} is not valid JSON ({exc}); fetch the bundle again") from exc
+    if bundle.get("bundle_sha256") != bundle_checksum(bundle):
+        raise NDSError(f"{path} was modified (bundle checksum mismatch); fetch the bundle again")
+    if verify:
+        for e in bundle["experts"]:
+            f = Path(bundle_dir) / e["file"]
+            if not f.exists():
+                raise NDSError(f"expert file {f} listed in bundle.json is missing; fetch the bundle again")
+            if file_sha256(f) != e["sha256"]:
+                raise NDSError(f"expert file {f} does not match bundle.json (tampered or corrupt); fetch the bundle again")
+    return bundle

