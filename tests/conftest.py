@@ -31,8 +31,8 @@ from nds.config import Workspace  # noqa: E402
 
 #: Small budgets so the whole tiny index builds in well under a minute on 2 cores.
 TINY_PARAMS = {
-    "extract": {"extractor": "efficientnet_lite0", "image_size": 32, "batch_size": 128, "weights": None},
-    "cluster": {"method": "kmeans", "k": 7, "pca_dim": 32, "seed": 0},
+    "extract": {"extractor": "efficientnet_lite0", "image_size": 64, "batch_size": 128, "weights": None},
+    "cluster": {"method": "kmeans", "k": 7, "pca_dim": 0, "seed": 0},
     "train_experts": {"arch": "rotnet_small", "epochs": 3, "max_steps": 25, "batch_size": 64, "lr": 0.004,
                       "val_fraction": 0.2, "workers": 2, "seed": 0},
     "compute_weights": {"scheme": "inverse_cluster_size"},

@@ -1,0 +1,491 @@
+"""Turn a client's expert scores into sampling probabilities, and draw the selection.
+
+NDS (Yan, Acuna, Fidler, CVPR 2020) maps the K scores a client uploads to a
+distribution over the N source samples, then draws the client's budget from it:
+
+    a = softmax(z / T)                                  expert weights, (K,)
+    p(x) = sum_k a_k w_k(x) = a_c(x) / |S_c(x)|         hard clusters: w_k = 1/|S_k| on S_k
+
+The draw takes `budget` distinct samples without replacement, each draw proportional
+to p among the samples not drawn yet (successive sampling). `SAMPLERS` holds two
+exact implementations of that one distribution; they differ only in cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from numbers import Integral, Real
+
+import numpy as np
+
+from nds.errors import NDSError
+
+log = logging.getLogger(__name__)
+
+# float64 pairwise summation of 1e8 probabilities drifts by ~1e-10 relative; a sum
+# further than this from 1 is a caller bug (unnormalised weights), not rounding.
+PROBABILITY_SUM_TOLERANCE = 1e-6
+
+# two-stage treats the members of a cluster as exchangeable, which is only exact if
+# they share one probability. compute_sample_probabilities gives them bitwise-equal
+# values; the slack admits a float32 round trip (6e-8 relative) and nothing coarser.
+CLUSTER_CONSTANT_RTOL = 1e-6
+
+# two-stage opens a time window expected to hold need + 4 sd + 16 arrivals. A short
+# window is never wrong (the next window continues the same realisation), it only
+# costs one more round; 4 sd makes that rare (~3e-5) at ~4/sqrt(B) extra draws.
+WINDOW_OVERSHOOT_SD = 4.0
+WINDOW_MIN_SLACK = 16
+
+# Past this width rate * width loses meaning for the slowest clocks (p ~ 1e-300); the
+# last window then simply takes every remaining member (always exact, just larger).
+WINDOW_MAX_WIDTH = 1e250
+
+# Window search: bisection on log-time; 60 halvings pin it far below one arrival.
+WINDOW_BISECTION_STEPS = 60
+
+# numpy's stable argsort is a radix sort for integer types of 16 bits or less, so
+# cluster codes are narrowed to int16 whenever K allows.
+RADIX_SORT_MAX_CLUSTERS = int(np.iinfo(np.int16).max)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def compute_expert_weights(scores, *, temperature: float) -> np.ndarray:
+    """Softmax of the client's expert scores: `a = softmax(z / T)`.
+
+    scores: (K,) float array-like, one score per expert (higher = more useful).
+    temperature: T > 0. T -> 0 puts all weight on the best expert(s);
+        T -> inf tends to uniform over experts.
+    Returns (K,) float64, non-negative, sums to 1.
+    """
+    try:
+        z = np.asarray(scores, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise NDSError(f"scores must be a list of K numbers, got {scores!r:.80}") from exc
+    if z.ndim != 1 or z.size == 0:
+        raise NDSError(
+            f"scores must be a non-empty 1-D list of K numbers (one per expert), got shape {z.shape}"
+        )
+    if not np.isfinite(z).all():
+        bad = np.flatnonzero(~np.isfinite(z))[:5].tolist()
+        raise NDSError(
+            f"scores contain NaN or infinite values at positions {bad}: "
+            "re-run the client scoring; every expert needs a finite score"
+        )
+    if isinstance(temperature, bool) or not isinstance(temperature, Real):
+        raise NDSError(f"temperature must be a positive number, got {temperature!r}")
+    t = float(temperature)
+    if not math.isfinite(t) or t <= 0:
+        raise NDSError(f"temperature must be a finite number > 0, got {temperature!r} (e.g. 0.1)")
+    # Shift by the max so the largest exponent is exp(0): no overflow for any T.
+    with np.errstate(over="ignore", under="ignore"):
+        shifted = (z - z.max()) / t
+        e = np.exp(shifted)
+    return e / e.sum()
+
+
+def compute_sample_probabilities(
+    assignments,
+    expert_weights,
+    *,
+    cluster_sizes=None,
+    eligible=None,
+) -> np.ndarray:
+    """Per-sample probability `p(x) = a_c(x) / |S_c(x)|`, renormalised over eligible samples.
+
+    assignments: (N,) int, cluster (expert) id of each sample, in [0, K).
+    expert_weights: (K,) float, non-negative (e.g. from compute_expert_weights).
+    cluster_sizes: (K,) int or None; |S_k| as stored with the index. None counts
+        them from `assignments`.
+    eligible: (N,) bool or None; False removes a sample (dataset filter, exclusion).
+    Returns (N,) float64 summing to 1; ineligible samples get exactly 0, and all
+    eligible members of one cluster get the bitwise-same value. The weight of
+    experts whose cluster has no eligible member is dropped and the rest renormalised.
+    """
+    a = _as_assignments(assignments)
+    w = np.asarray(expert_weights, dtype=np.float64)
+    if w.ndim != 1 or w.size == 0:
+        raise NDSError(f"expert_weights must be a non-empty (K,) array, got shape {w.shape}")
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise NDSError("expert_weights must be finite, non-negative and not all zero (use compute_expert_weights)")
+    k = w.size
+    if a.size and a.max() >= k:
+        raise NDSError(
+            f"assignments refer to cluster {int(a.max())} but there are only {k} expert weights: "
+            "the scores and the index have different K (use the scores made for this index version)"
+        )
+    counted = np.bincount(a, minlength=k)
+    if cluster_sizes is None:
+        sizes = counted
+    else:
+        sizes = np.asarray(cluster_sizes)
+        if sizes.shape != (k,) or not np.issubdtype(sizes.dtype, np.integer) or (sizes < 0).any():
+            raise NDSError(f"cluster_sizes must be ({k},) non-negative integers, got shape {sizes.shape}")
+        empty_but_used = (sizes == 0) & (counted > 0)
+        if empty_but_used.any():
+            raise NDSError(
+                f"cluster_sizes says cluster {int(np.flatnonzero(empty_but_used)[0])} is empty "
+                "but samples are assigned to it: sizes and assignments come from different index versions"
+            )
+    if eligible is None:
+        n_eligible = counted
+    else:
+        mask = np.asarray(eligible)
+        if mask.dtype != np.bool_ or mask.shape != a.shape:
+            raise NDSError(f"eligible must be a ({a.size},) bool mask, got {mask.dtype} {mask.shape}")
+        n_eligible = np.bincount(a[mask], minlength=k)
+    per_member = np.divide(w, sizes, out=np.zeros(k), where=sizes > 0)
+    # Normalise per cluster (K values) rather than per sample, so members stay identical.
+    total = float(per_member @ n_eligible)
+    if not total > 0:
+        raise NDSError(
+            "no eligible sample has positive probability: every eligible sample sits in a cluster "
+            "whose expert weight is 0 (raise the temperature or loosen the dataset filter)"
+        )
+    p = (per_member / total)[a]
+    if eligible is not None:
+        p[~mask] = 0.0
+    return p
+
+
+# --------------------------------------------------------------------------- budget
+
+
+def resolve_budget(budget: int | float, n_eligible: int) -> int:
+    """How many samples to draw.
+
+    budget: an int >= 1 is a count; a float in (0, 1] is a fraction of the
+        eligible samples (rounded, at least 1).
+    n_eligible: number of samples with positive probability.
+    """
+    if isinstance(n_eligible, bool) or not isinstance(n_eligible, Integral) or n_eligible < 1:
+        raise NDSError(f"there are no eligible samples to select from (n_eligible={n_eligible!r})")
+    n = int(n_eligible)
+    if isinstance(budget, bool):
+        raise NDSError(f"budget must be a count >= 1 or a fraction in (0, 1], got {budget!r}")
+    if isinstance(budget, Integral):
+        count = int(budget)
+        if count < 1:
+            raise NDSError(f"budget must be a count >= 1 or a fraction in (0, 1], got {budget!r}")
+    elif isinstance(budget, Real):
+        f = float(budget)
+        if not (math.isfinite(f) and 0.0 < f <= 1.0):
+            raise NDSError(
+                f"budget {budget!r} is neither a whole count nor a fraction in (0, 1]: "
+                "pass an int for a count (e.g. 5000) or a float like 0.1 for 10%"
+            )
+        count = max(1, round(f * n))
+    else:
+        raise NDSError(f"budget must be a count >= 1 or a fraction in (0, 1], got {budget!r}")
+    if count > n:
+        raise NDSError(f"budget {count} exceeds the {n} eligible samples: lower the budget or loosen the filters")
+    return count
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+def _draw_es_keys(p: np.ndarray, budget: int, *, rng: np.random.Generator, assignments=None) -> np.ndarray:
+    """Efraimidis-Spirakis (2006) weighted sampling without replacement.
+
+    Each sample gets key_i = log(u_i) / p_i; the `budget` largest keys, in key order,
+    are distributed exactly as successive sampling proportional to p. We use the
+    equivalent arrival time t_i = E_i / p_i = -key_i with E_i ~ Exp(1): the first
+    arrival of competing exponential clocks with rates p is i with probability
+    p_i / sum(p), and by memorylessness the same holds among the clocks left.
+    Smallest times come first. Cost: N exponentials, one argpartition, a sort of B.
+    Samples with p = 0 never get a clock, so they are never chosen.
+    """
+    positive = p > 0
+    candidates = None if positive.all() else np.flatnonzero(positive)
+    rates = p if candidates is None else p[candidates]
+    exponentials = rng.standard_exponential(rates.size)
+    with np.errstate(over="ignore"):
+        times = exponentials / rates
+    if np.isinf(times).any():
+        # p below ~1e-306 overflows E / p; log time is the same order and never overflows.
+        times = np.log(exponentials) - np.log(rates)
+    if budget < times.size:
+        top = np.argpartition(times, budget - 1)[:budget]
+    else:
+        top = np.arange(times.size)
+    top = top[np.argsort(times[top], kind="stable")]
+    return top if candidates is None else candidates[top]
+
+
+def _draw_two_stage(p: np.ndarray, budget: int, *, rng: np.random.Generator, assignments=None) -> np.ndarray:
+    """The es-keys distribution with O(K + B) random numbers, using the hard clusters.
+
+    Stage 1 (which clusters, in which order). Under es-keys a cluster c with n_c
+    eligible members of equal probability q_c holds n_c i.i.d. Exp(q_c) arrival
+    times. Only the B earliest matter. Inside a window [0, t] the number of cluster-c
+    arrivals is Binomial(n_c, 1 - exp(-q_c t)) and, given that number, they are
+    i.i.d. Exp(q_c) truncated to [0, t]. If the window holds fewer than B arrivals in
+    total, the next window continues the same realisation: by memorylessness the
+    remaining members' times past t are again i.i.d. Exp(q_c). Once >= B arrivals
+    are in hand the B earliest, sorted, give the per-rank cluster sequence with
+    exactly the es-keys law (the window size affects cost, never the result's law).
+    Stage 2 (which members). Members of a cluster are exchangeable, so the m_c
+    arrivals of cluster c go to a uniformly random ordered m_c-subset of its members.
+
+    Needs `assignments` and p constant within each cluster (as produced by
+    compute_sample_probabilities). Finding "the r-th member of cluster c" needs the
+    members grouped by cluster; that is done block by block (see _group_by_cluster),
+    O(N) work in cache-sized pieces and 2 bytes per sample.
+    """
+    if assignments is None:
+        raise NDSError("method 'two-stage' needs assignments (the (N,) cluster id of each sample)")
+    a = _as_assignments(assignments)
+    if a.shape != p.shape:
+        raise NDSError(f"assignments has shape {a.shape} but probabilities has {p.shape}: pass the same N samples")
+    positive = p > 0
+    if positive.all():
+        members, a_pos, p_pos = None, a, p
+    else:
+        members = np.flatnonzero(positive)
+        a_pos, p_pos = a[members], p[members]
+    groups = _group_by_cluster(a_pos, p_pos)
+    spread = groups.p_max - groups.p_min
+    if (spread > CLUSTER_CONSTANT_RTOL * groups.p_max).any():
+        c = int(np.argmax(spread > CLUSTER_CONSTANT_RTOL * groups.p_max))
+        raise NDSError(
+            f"method 'two-stage' needs one probability per cluster, but cluster {c} has members "
+            f"from {groups.p_min[c]:.3g} to {groups.p_max[c]:.3g}: use method='es-keys' for these probabilities"
+        )
+    n_c = groups.counts.sum(axis=0)
+    k = n_c.size
+
+    arrival_cluster, window, log_time = _cluster_arrivals(n_c, groups.p_max, budget, rng=rng)
+    if window[-1] > 0:
+        # Later windows start where earlier ones end: make the key one increasing number.
+        log_time = _order_key(window, log_time)
+    if log_time.size > budget:
+        first = np.argpartition(log_time, budget - 1)[:budget]
+    else:
+        first = np.arange(budget)
+    first = first[np.argsort(log_time[first], kind="stable")]
+    ranked_cluster = arrival_cluster[first]  # (B,) cluster of each rank
+
+    # Stage 2: the rank slots of each cluster, in rank order, get a random ordered subset.
+    slots = np.argsort(_narrow_codes(ranked_cluster, k), kind="stable")
+    m_c = np.bincount(ranked_cluster, minlength=k)
+    chosen = np.empty(budget, dtype=np.int64)
+    offset = 0
+    for c in np.flatnonzero(m_c):  # at most K iterations
+        m = int(m_c[c])
+        member_rank = rng.choice(int(n_c[c]), size=m, replace=False, shuffle=True)
+        chosen[slots[offset : offset + m]] = groups.locate(int(c), member_rank)
+        offset += m
+    return chosen if members is None else members[chosen]
+
+
+# Grouping members by cluster one block at a time keeps numpy's radix sort inside the
+# CPU cache: 2**14 ids per block sorted 7x faster than one global sort at N = 1e7.
+GROUP_BLOCK = 2**14
+# Cap on the (blocks x K) count table (int64: 128 MiB); blocks grow past GROUP_BLOCK
+# when N * K is large enough to exceed it.
+GROUP_TABLE_MAX_CELLS = 2**24
+
+
+class _ClusterGroups:
+    """Eligible samples grouped by cluster within fixed-size blocks.
+
+    counts: (n_blocks, K) int64 members of each cluster in each block.
+    local_order: (M,) uint16/uint32; within each block, positions sorted by cluster.
+    p_min, p_max: (K,) float64 smallest and largest probability in each cluster.
+    """
+
+    def __init__(self, block: int, counts: np.ndarray, local_order: np.ndarray, p_min, p_max):
+        self.block, self.counts, self.local_order = block, counts, local_order
+        self.p_min, self.p_max = p_min, p_max
+        # Cluster-major copies so that locate() reads one contiguous row per cluster.
+        self._counts_by_cluster = np.ascontiguousarray(counts.T)  # (K, n_blocks)
+        self._cum_by_cluster = np.cumsum(self._counts_by_cluster, axis=1)
+        self._cell_start = np.ascontiguousarray((np.cumsum(counts, axis=1) - counts).T)  # (K, n_blocks)
+
+    def locate(self, cluster: int, member_rank: np.ndarray) -> np.ndarray:
+        """(m,) positions of the member_rank-th members (in index order) of one cluster."""
+        cum = self._cum_by_cluster[cluster]
+        block = np.searchsorted(cum, member_rank, side="right")
+        within_cell = member_rank - (cum[block] - self._counts_by_cluster[cluster, block])
+        slot = block * self.block + self._cell_start[cluster, block] + within_cell
+        return block * self.block + self.local_order[slot].astype(np.int64)
+
+
+def _group_by_cluster(a: np.ndarray, p: np.ndarray) -> _ClusterGroups:
+    """a: (M,) int64 cluster ids; p: (M,) float64. One pass over blocks (N / block iterations)."""
+    k = int(a.max()) + 1
+    m = a.size
+    block = GROUP_BLOCK
+    while -(-m // block) * k > GROUP_TABLE_MAX_CELLS and block < m:
+        block *= 2
+    n_blocks = -(-m // block)
+    counts = np.empty((n_blocks, k), dtype=np.int64)
+    local_order = np.empty(m, dtype=np.uint16 if block <= 2**16 else np.uint32)
+    p_min = np.full(k, np.inf)
+    p_max = np.zeros(k)
+    for b in range(n_blocks):
+        lo, hi = b * block, min((b + 1) * block, m)
+        codes = _narrow_codes(a[lo:hi], k)
+        order = np.argsort(codes, kind="stable")
+        local_order[lo:hi] = order
+        cnt = np.bincount(codes, minlength=k)
+        counts[b] = cnt
+        present = np.flatnonzero(cnt)
+        starts = (np.cumsum(cnt) - cnt)[present]
+        grouped = p[lo:hi][order]
+        p_min[present] = np.minimum(p_min[present], np.minimum.reduceat(grouped, starts))
+        p_max[present] = np.maximum(p_max[present], np.maximum.reduceat(grouped, starts))
+    p_min[np.isinf(p_min)] = 0.0
+    return _ClusterGroups(block, counts, local_order, p_min, p_max)
+
+
+def _narrow_codes(a: np.ndarray, k: int) -> np.ndarray:
+    """Cluster ids as int16 when K allows, so numpy's stable argsort is a radix sort."""
+    return a.astype(np.int16) if k <= RADIX_SORT_MAX_CLUSTERS else a
+
+
+def _cluster_arrivals(n_c: np.ndarray, q: np.ndarray, budget: int, *, rng: np.random.Generator):
+    """At least `budget` earliest arrivals of per-cluster i.i.d. Exp(q_c) clocks.
+
+    n_c: (K,) int members per cluster; q: (K,) float per-member rate (> 0 where n_c > 0).
+    Returns (cluster ids, window numbers, log arrival time within the window), each
+    (M,) with M >= budget, holding every arrival up to the end of the last window.
+    Windows are consecutive, so (window, log time) sorts arrivals in time order.
+    """
+    remaining = n_c.astype(np.int64)
+    rates = np.where(n_c > 0, q, 0.0)
+    clusters: list[np.ndarray] = []
+    windows: list[np.ndarray] = []
+    log_times: list[np.ndarray] = []
+    have = 0
+    while have < budget:
+        need = budget - have
+        target = need + WINDOW_OVERSHOOT_SD * math.sqrt(need) + WINDOW_MIN_SLACK
+        width = math.inf if target >= remaining.sum() else _window_width(remaining, rates, target)
+        if math.isinf(width):
+            inside = np.where(remaining > 0, 1.0, 0.0)
+        else:
+            inside = -np.expm1(-rates * width)
+        count = rng.binomial(remaining, inside)
+        cid = np.repeat(np.arange(remaining.size), count)
+        u = rng.random(cid.size)
+        # Inverse CDF of Exp(q) truncated to [0, width]: F(x) = (1 - e^{-qx}) / (1 - e^{-q width}).
+        # Kept as log time within the window: same order, no overflow for tiny q.
+        log_times.append(np.log(-np.log1p(-u * inside[cid])) - np.log(rates[cid]))
+        windows.append(np.full(cid.size, len(windows), dtype=np.int64))
+        clusters.append(cid)
+        remaining = remaining - count
+        have += cid.size
+    return np.concatenate(clusters), np.concatenate(windows), np.concatenate(log_times)
+
+
+def _order_key(window: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """(M,) float64 ranks of arrivals sorted by (window, key): a single sortable key."""
+    order = np.lexsort((key, window))
+    rank = np.empty(key.size, dtype=np.float64)
+    rank[order] = np.arange(key.size, dtype=np.float64)
+    return rank
+
+
+def _window_width(remaining: np.ndarray, rates: np.ndarray, target: float) -> float:
+    """Smallest-ish t with expected arrivals sum_c n_c (1 - exp(-q_c t)) >= target."""
+
+    def expected(t: float) -> float:
+        return float(remaining @ -np.expm1(-rates * t))
+
+    lo = hi = target / max(float(remaining @ rates), np.finfo(float).tiny)  # rate-1 lower bound
+    while expected(hi) < target:
+        if hi > WINDOW_MAX_WIDTH:  # only clocks too slow to time in float64 are left
+            return math.inf
+        lo, hi = hi, hi * 2.0
+    for _ in range(WINDOW_BISECTION_STEPS):
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 2
+        if expected(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+Sampler = Callable[..., np.ndarray]
+
+SAMPLERS: dict[str, Sampler] = {
+    "es-keys": _draw_es_keys,
+    "two-stage": _draw_two_stage,
+}
+DEFAULT_SAMPLER = "es-keys"
+
+
+def select_samples(
+    probabilities,
+    budget: int,
+    *,
+    seed: int,
+    method: str = DEFAULT_SAMPLER,
+    assignments=None,
+) -> np.ndarray:
+    """Draw `budget` distinct samples without replacement, proportional to p.
+
+    probabilities: (N,) float64, non-negative, summing to 1 (tiny float error is
+        renormalised away). Samples with p = 0 are never selected.
+    budget: number of samples, 1 <= budget <= count(p > 0) (see resolve_budget).
+    seed: the only source of randomness; same inputs and seed -> same selection.
+    method: a key of SAMPLERS; every sampler draws from the same distribution.
+    assignments: (N,) int cluster ids, required by 'two-stage'.
+    Returns (B,) int64 sample indices in rank order (rank 0 = drawn first).
+    """
+    p = _as_probabilities(probabilities)
+    if method not in SAMPLERS:
+        raise NDSError(f"unknown selection method {method!r}: choose one of {sorted(SAMPLERS)}")
+    if isinstance(budget, bool) or not isinstance(budget, Integral):
+        raise NDSError(f"budget must be an int count here, got {budget!r} (use resolve_budget for fractions)")
+    n_positive = int(np.count_nonzero(p))
+    if budget < 1:
+        raise NDSError(f"budget must be >= 1, got {budget}")
+    if budget > n_positive:
+        raise NDSError(
+            f"budget {budget} exceeds the {n_positive} eligible samples (p > 0): "
+            "lower the budget or loosen the filters"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise NDSError(f"seed must be a non-negative int, got {seed!r}")
+    rng = np.random.default_rng(int(seed))
+    chosen = SAMPLERS[method](p, int(budget), rng=rng, assignments=assignments)
+    log.info("selected %d of %d eligible samples with %s (seed %d)", budget, n_positive, method, seed)
+    return chosen.astype(np.int64, copy=False)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _as_assignments(assignments) -> np.ndarray:
+    a = np.asarray(assignments)
+    if a.ndim != 1:
+        raise NDSError(f"assignments must be a (N,) array of cluster ids, got shape {a.shape}")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise NDSError(f"assignments must be integer cluster ids, got dtype {a.dtype}")
+    a = a.astype(np.int64, copy=False)
+    if a.size and a.min() < 0:
+        raise NDSError(f"assignments contain negative cluster id {int(a.min())}: ids must be in [0, K)")
+    return a
+
+
+def _as_probabilities(probabilities) -> np.ndarray:
+    p = np.asarray(probabilities, dtype=np.float64)
+    if p.ndim != 1 or p.size == 0:
+        raise NDSError(f"probabilities must be a non-empty (N,) array, got shape {p.shape}")
+    if not np.isfinite(p).all():
+        raise NDSError("probabilities contain NaN or infinite values: recompute them with compute_sample_probabilities")
+    if p.min() < 0:
+        raise NDSError(f"probabilities contain negative values (min {p.min():.3g}): they must be >= 0")
+    total = float(p.sum())
+    if abs(total - 1.0) > PROBABILITY_SUM_TOLERANCE:
+        raise NDSError(
+            f"probabilities sum to {total:.9g}, not 1: normalise them (compute_sample_probabilities does)"
+        )
+    return p if total == 1.0 else p / total
