@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # Prefect's client logs every API request at INFO; keep the console about our work.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except NDSError as exc:
