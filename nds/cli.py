@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from nds.config import Workspace
 from nds.errors import NDSError
@@ -91,9 +92,72 @@ def _cmd_status(args) -> int:
     return 0
 
 
+def _cmd_select(args) -> int:
+    from pydantic import ValidationError
+
+    from nds.selections import SelectRequest
+
+    exclude = []
+    if args.exclude_file:
+        exclude = [line.strip() for line in open(args.exclude_file) if line.strip() and not line.startswith("#")]
+    try:
+        request = SelectRequest(
+            scores_path=str(args.scores), budget=args.budget, temperature=args.temperature, seed=args.seed,
+            datasets=args.dataset, exclude=exclude, method=args.method,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise NDSError(f"--{'.'.join(map(str, first['loc'])) or 'scores'}: {first['msg']}") from None
+    from flows.select import select
+
+    ws = Workspace.from_env(args.root)
+    summary = select(request, str(ws.root), str(Path(args.out).resolve()))
+    print(f"selection {summary['selection_id']}: {summary['rows']} of {summary['n_eligible']} eligible samples")
+    for ds, n in sorted(summary["counts_per_dataset"].items(), key=lambda kv: -kv[1]):
+        print(f"  {ds:10s} {n:6d}  {n / summary['rows']:.1%}")
+    print(f"manifest {summary['manifest_location']} (sha256 {summary['manifest_sha256']})")
+    return 0
+
+
+def _cmd_client_fetch(args) -> int:
+    from nds.client import fetch_experts
+
+    bundle = fetch_experts(args.source, Path(args.out))
+    print(f"fetched {bundle['k']} experts of index {bundle['index_version']} into {args.out} (checksums verified)")
+    return 0
+
+
+def _cmd_client_score(args) -> int:
+    from nds.client import compute_image_hashes, load_client_images, write_scores
+    from nds.scoring import score_experts
+
+    data = load_client_images(Path(args.data), progress=not args.quiet)
+    if data.n_skipped:
+        print(f"skipped {data.n_skipped} unreadable images (first: {data.skipped[0][0]}: {data.skipped[0][1]})", file=sys.stderr)
+    result = score_experts(Path(args.experts), data, mode=args.mode, seed=args.seed, progress=not args.quiet)
+    hashes = compute_image_hashes(data.images) if args.emit_hashes else None
+    write_scores(Path(args.out), bundle=result.bundle, mode=args.mode, scores=result.scores,
+                 seconds_per_expert=result.seconds_per_expert, hashes=hashes)
+    best = sorted(range(len(result.scores)), key=lambda k: -result.scores[k])[:5]
+    print(f"scored {len(result.scores)} experts ({args.mode}) on {len(data.images)} images in "
+          f"{sum(result.seconds_per_expert):.1f}s -> {args.out}")
+    print("top experts: " + ", ".join(f"{k} ({result.scores[k]:.3f})" for k in best))
+    return 0
+
+
+def _cmd_client_download(args) -> int:
+    from nds.export import download_manifest
+
+    info = download_manifest(Path(args.manifest), Path(args.out), ws=Workspace.from_env(args.root),
+                             progress=not args.quiet)
+    print(f"downloaded {info['images']} images into {info['out_dir']} (ImageFolder: dataset/label/sample.png)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nds.corpus import PROFILES
     from nds.pipeline import STAGES
+    from nds.selections import DEFAULT_TEMPERATURE
 
     p = argparse.ArgumentParser(prog="nds", description="Neural Data Server: find the source data that helps your task.")
     p.add_argument("--root", help="workspace folder (default: $NDS_ROOT or the current directory)")
@@ -117,6 +181,38 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stage", help="run one index stage without Prefect (what dvc.yaml calls)")
     st.add_argument("name", choices=STAGES)
     st.set_defaults(func=_cmd_stage)
+
+    sel = sub.add_parser("select", help="turn a client's scores.json into an export manifest")
+    sel.add_argument("--scores", required=True, help="scores.json from `nds client score`")
+    sel.add_argument("--budget", required=True, type=float, help="count (e.g. 2000) or fraction (e.g. 0.1)")
+    sel.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="softmax temperature (default %(default)s)")
+    sel.add_argument("--seed", type=int, default=0)
+    sel.add_argument("--dataset", action="append", help="only this source domain (repeatable)")
+    sel.add_argument("--exclude-file", help="file of sample_ids / sha256 hashes to leave out, one per line")
+    sel.add_argument("--method", default="es-keys", choices=["es-keys", "two-stage"])
+    sel.add_argument("--out", required=True, help="folder for manifest.parquet/.csv and summary.json")
+    sel.set_defaults(func=_cmd_select)
+
+    client = sub.add_parser("client", help="client side: fetch experts, score your data, download a selection")
+    csub2 = client.add_subparsers(dest="client_command", required=True)
+    fetch = csub2.add_parser("fetch-experts", help="download and verify the expert bundle")
+    fetch.add_argument("source", help="a local bundle folder or s3://bucket/prefix")
+    fetch.add_argument("--out", required=True)
+    fetch.set_defaults(func=_cmd_client_fetch)
+    score = csub2.add_parser("score", help="fast adaptation: one score per expert (images stay local)")
+    score.add_argument("--experts", required=True, help="expert bundle folder")
+    score.add_argument("--data", required=True, help="ImageFolder (class sub-folders) or .npz with images+labels")
+    score.add_argument("--out", required=True, help="scores.json to write")
+    score.add_argument("--mode", default="rotation", choices=["rotation", "linear", "logme"],
+                       help="scorer (default: rotation, the most domain-selective on the embedded tasks)")
+    score.add_argument("--seed", type=int, default=0)
+    score.add_argument("--emit-hashes", action="store_true",
+                       help="add content hashes of your images so the server excludes exact duplicates")
+    score.set_defaults(func=_cmd_client_score)
+    dl = csub2.add_parser("download", help="materialise a manifest's images as an ImageFolder")
+    dl.add_argument("--manifest", required=True, help="manifest folder or manifest.parquet/.csv")
+    dl.add_argument("--out", required=True)
+    dl.set_defaults(func=_cmd_client_download)
 
     status = sub.add_parser("status", help="what the warehouse holds")
     status.add_argument("--json", action="store_true")

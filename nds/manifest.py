@@ -100,7 +100,7 @@ def write_manifest(
     """
     if tuple(manifest.column_names) != MANIFEST_COLUMNS:
         raise NDSError(f"manifest columns are {manifest.column_names}, expected {list(MANIFEST_COLUMNS)}")
-    target = _checked_out_dir(Path(out_dir), root)
+    target = checked_out_dir(Path(out_dir), root)
     clash = _RESERVED_SUMMARY_KEYS & set(summary_extra)
     if clash:
         raise NDSError(f"summary_extra may not set {sorted(clash)}: those are computed by write_manifest")
@@ -184,7 +184,7 @@ def _write_csv(table: pa.Table, path: Path) -> None:
     pacsv.write_csv(table, path)
 
 
-def _checked_out_dir(out_dir: Path, root: Path | None) -> Path:
+def checked_out_dir(out_dir: Path, root: Path | None) -> Path:
     if root is None:
         return out_dir
     if ".." in out_dir.parts:

@@ -49,3 +49,25 @@ def index_summary_text(summary: dict) -> str:
             f"DVC versioned     {'yes (dvc.lock updated)' if summary['dvc_versioned'] else 'no (not a DVC repo)'}",
         ]
     )
+
+
+def selection_summary_markdown(summary: dict) -> str:
+    lines = [
+        f"# Selection `{summary['selection_id']}`",
+        "",
+        f"{summary['rows']} samples of {summary['n_eligible']} eligible, index `{summary['index_version']}`, "
+        f"scores by `{summary['mode']}`, T={summary['parameters']['temperature']}, seed {summary['parameters']['seed']}.",
+        "",
+        f"Manifest: `{summary['manifest_location']}` (sha256 `{summary['manifest_sha256'][:16]}…`)",
+        "",
+        "| dataset | selected | share |",
+        "|---|---|---|",
+    ]
+    total = max(summary["rows"], 1)
+    for ds, n in sorted(summary["counts_per_dataset"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {ds} | {n} | {n / total:.1%} |")
+    lines += ["", "| expert | selected | weight |", "|---|---|---|"]
+    weights = summary["expert_weights"]
+    for e, n in sorted(summary["counts_per_expert"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {e} | {n} | {weights[int(e)]:.3f} |")
+    return "\n".join(lines)

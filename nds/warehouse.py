@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Iterator
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 
 from nds.errors import NDSError
@@ -56,9 +55,26 @@ def connect(path: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyC
         if not read_only:
             for f in sql_files():
                 con.execute(f.read_text())
+        _attach_selections(con, path, temporary=read_only)
         yield con
     finally:
         con.close()
+
+
+def selections_folder(path: Path) -> Path:
+    """Where selection runs append their audit rows (one Parquet file each)."""
+    return Path(path).resolve().parent / "selections"
+
+
+def _attach_selections(con, path: Path, *, temporary: bool) -> None:
+    """Point the `selections` view at the selection row files, once there are any."""
+    folder = selections_folder(path)
+    if not any(folder.glob("*.parquet")):
+        return
+    # DDL takes no bound parameters; the path comes from configuration, quoted as a literal.
+    literal = str(folder / "*.parquet").replace("'", "''")
+    kind = "TEMP VIEW" if temporary else "VIEW"
+    con.execute(f"CREATE OR REPLACE {kind} selections AS SELECT * FROM read_parquet('{literal}', union_by_name = true)")
 
 
 def load_index_version(
@@ -141,7 +157,3 @@ def read_status(path: Path) -> dict:
             [versions[0]["index_version"]],
         )
     return {"versions": versions, "current_clusters": clusters}
-
-
-def as_float(x) -> float | None:
-    return None if x is None or (isinstance(x, float) and np.isnan(x)) else float(x)

@@ -1,0 +1,242 @@
+"""One selection request end to end (NDS "server, online"), and the audit trail of past ones.
+
+scores.json -> checks against the current index -> softmax(z/T) over experts -> p(x) ->
+budgeted draw without replacement -> export manifest -> a selection record.
+
+Records are append-only Parquet files (one per selection, written by rename) next to the
+DuckDB warehouse and exposed there as the `selections` view: selection runs never open the
+DuckDB file for writing, so any number can run at once without contending for its single
+writer lock or corrupting it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from nds import experts, manifest, selection
+from nds.config import Workspace
+from nds.errors import NDSError
+
+log = logging.getLogger(__name__)
+
+#: Softmax temperature over expert scores when the request names none. Scores are
+#: accuracies in [0, 1] whose spread between relevant and irrelevant experts is a few
+#: points to tens of points; see the README's temperature sweep for how this was chosen.
+DEFAULT_TEMPERATURE = 0.02
+SELECTION_RECORD_COLUMNS = (
+    "selection_id", "created_at", "index_version", "bundle_sha256", "mode", "parameters",
+    "scores", "expert_weights", "manifest_location", "manifest_sha256", "n_selected",
+    "n_eligible", "counts_per_dataset", "seconds",
+)
+
+
+class SelectRequest(BaseModel):
+    """Parameters of one selection (the Prefect UI renders this as a validated form)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scores: dict | None = Field(None, description="The client's scores.json content, pasted as JSON.")
+    scores_path: str | None = Field(None, description="Or: path to a scores.json the server can read.")
+    budget: float = Field(..., gt=0, allow_inf_nan=False,
+                          description="Samples to select: a count (>= 1) or a fraction of the eligible samples (0 < f < 1).")
+    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, allow_inf_nan=False,
+                               description="Softmax temperature over expert scores; lower = more concentrated.")
+    seed: int = Field(0, description="Same seed and inputs -> the same manifest.")
+    datasets: list[str] | None = Field(None, description="Only select from these source domains.")
+    exclude: list[str] = Field(default_factory=list, description="sample_ids or sha256 content hashes to leave out.")
+    out_name: str | None = Field(None, description="Folder name under the manifests root (default: the selection id).")
+    method: Literal["es-keys", "two-stage"] = Field(selection.DEFAULT_SAMPLER, description="Sampler for the draw.")
+
+    @model_validator(mode="after")
+    def _one_scores_source(self):
+        if (self.scores is None) == (self.scores_path is None):
+            raise ValueError("give exactly one of scores (the JSON) or scores_path (a file)")
+        return self
+
+
+@dataclass(frozen=True)
+class Index:
+    """The current index as the selection needs it (rows in feature order)."""
+
+    version: str
+    bundle_sha256: str
+    k: int
+    catalog: pa.Table  # sample_id, dataset, uri, label, sha256
+    assignments: np.ndarray  # (n,) int32
+
+
+def load_current_index(ws: Workspace) -> Index:
+    bundle = experts.load_bundle(ws.stage_dir("experts"), verify=False)
+    wpath = ws.stage_dir("weights") / "weights.parquet"
+    ipath = ws.stage_dir("extract") / "index.parquet"
+    for p in (wpath, ipath):
+        if not p.exists():
+            raise NDSError(f"{p} is missing: build the index first (`nds index`)")
+    w = pq.read_table(wpath, columns=["sample_id", "expert"])
+    catalog = pq.read_table(ipath, columns=["sample_id", "dataset", "uri", "label", "sha256"])
+    if w.column("sample_id") != catalog.column("sample_id"):
+        raise NDSError("weights and index order disagree: rerun `nds index` (or `dvc repro`)")
+    return Index(
+        version=bundle["index_version"],
+        bundle_sha256=bundle["bundle_sha256"],
+        k=int(bundle["k"]),
+        catalog=catalog,
+        assignments=w.column("expert").to_numpy().astype(np.int32),
+    )
+
+
+def check_scores(scores: dict, index: Index) -> None:
+    if scores["index_version"] != index.version:
+        raise NDSError(
+            f"scores are for index {scores['index_version']} but the server holds {index.version}: "
+            "fetch the current expert bundle (`nds client fetch-experts`) and score again"
+        )
+    if scores.get("bundle_sha256") != index.bundle_sha256:
+        raise NDSError("scores were made with a different expert bundle (checksum mismatch): fetch the bundle and score again")
+    if len(scores["scores"]) != index.k:
+        raise NDSError(f"scores hold {len(scores['scores'])} values but the index has {index.k} experts: score again")
+
+
+def eligible_mask(index: Index, *, datasets: list[str] | None, exclude: list[str]) -> tuple[np.ndarray, int]:
+    """(n,) bool of samples that may be drawn, and how many exclusions matched."""
+    n = index.catalog.num_rows
+    mask = np.ones(n, dtype=bool)
+    if datasets is not None:
+        known = sorted(set(index.catalog.column("dataset").to_pylist()))
+        unknown = sorted(set(datasets) - set(known))
+        if unknown or not datasets:
+            raise NDSError(f"unknown dataset filter {unknown or datasets}: choose from {known}")
+        mask &= np.isin(np.asarray(index.catalog.column("dataset").to_pylist(), dtype=object), list(datasets))
+    n_excluded = 0
+    if exclude:
+        drop = set(exclude)
+        hit = np.fromiter(
+            (sid in drop or h in drop for sid, h in zip(index.catalog.column("sample_id").to_pylist(),
+                                                        index.catalog.column("sha256").to_pylist())),
+            dtype=bool, count=n,
+        )
+        n_excluded = int(hit.sum())
+        mask &= ~hit
+    return mask, n_excluded
+
+
+def new_selection_id() -> str:
+    """Time-ordered and unguessable (128 random bits)."""
+    return f"sel-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(16)}"
+
+
+def manifests_root(ws: Workspace) -> Path:
+    env = os.environ.get("NDS_MANIFESTS")
+    return Path(env).resolve() if env else ws.root / "manifests"
+
+
+def selections_dir(ws: Workspace) -> Path:
+    return ws.warehouse_path.parent / "selections"
+
+
+def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None = None,
+                  selection_id: str | None = None) -> dict:
+    """Validate, draw, write the manifest, record the selection; returns the manifest summary.
+
+    `out_dir` (a trusted local path, from the CLI) overrides `request.out_name`, which is
+    resolved inside the manifests root and may not escape it. Nothing is written on bad input.
+    """
+    from nds.client import load_scores
+
+    t0 = time.perf_counter()
+    selection_id = selection_id or new_selection_id()
+    if out_dir is None:
+        root = manifests_root(ws)
+        target = manifest.checked_out_dir(Path(request.out_name or selection_id), root)
+    else:
+        target = Path(out_dir).resolve()
+    scores = load_scores(request.scores if request.scores is not None else Path(request.scores_path))
+    index = load_current_index(ws)
+    check_scores(scores, index)
+    mask, n_excluded = eligible_mask(index, datasets=request.datasets,
+                                     exclude=list(request.exclude) + list(scores.get("exclude_sha256") or []))
+    n_eligible = int(mask.sum())
+    if n_eligible == 0:
+        raise NDSError("no source sample is eligible after the dataset filter and exclusions: relax them")
+    budget = selection.resolve_budget(_as_budget(request.budget), n_eligible)
+    weights = selection.compute_expert_weights(scores["scores"], temperature=request.temperature)
+    p = selection.compute_sample_probabilities(index.assignments, weights, eligible=mask)
+    if budget > int((p > 0).sum()):
+        raise NDSError(f"budget {budget} exceeds the {int((p > 0).sum())} samples with non-zero probability: lower it")
+    t_draw = time.perf_counter()
+    picked = selection.select_samples(p, budget, seed=request.seed, method=request.method,
+                                      assignments=index.assignments)
+    draw_s = time.perf_counter() - t_draw
+    table = manifest.build_manifest(index.catalog, picked, p, index.assignments)
+    params = request.model_dump(exclude={"scores", "scores_path", "exclude"})
+    params["n_exclude"] = len(request.exclude)
+    summary = manifest.write_manifest(
+        table,
+        target,
+        summary_extra={
+            "selection_id": selection_id,
+            "index_version": index.version,
+            "bundle_sha256": index.bundle_sha256,
+            "mode": scores["mode"],
+            "parameters": params,
+            "budget": budget,
+            "n_eligible": n_eligible,
+            "n_excluded": n_excluded,
+            "expert_weights": [round(float(w), 6) for w in weights],
+            "draw_seconds": round(draw_s, 4),
+        },
+    )
+    summary["manifest_location"] = str(target)
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    record_selection(ws, summary, scores=scores["scores"])
+    log.info("selection %s: %d of %d eligible samples -> %s", selection_id, budget, n_eligible, target)
+    return summary
+
+
+def _as_budget(value: float) -> int | float:
+    """The form gives a float: whole numbers >= 1 are counts, values below 1 are fractions."""
+    if value >= 1:
+        if value != int(value):
+            raise NDSError(f"budget {value} is neither a whole count nor a fraction below 1: use e.g. 500 or 0.1")
+        return int(value)
+    return float(value)
+
+
+def record_selection(ws: Workspace, summary: dict, *, scores: list[float]) -> Path:
+    """Append the selection's audit row as its own Parquet file (atomic rename)."""
+    row = {
+        "selection_id": summary["selection_id"],
+        "created_at": datetime.now(timezone.utc).replace(tzinfo=None),
+        "index_version": summary["index_version"],
+        "bundle_sha256": summary["bundle_sha256"],
+        "mode": summary["mode"],
+        "parameters": json.dumps(summary["parameters"], sort_keys=True),
+        "scores": [float(s) for s in scores],
+        "expert_weights": summary["expert_weights"],
+        "manifest_location": summary["manifest_location"],
+        "manifest_sha256": summary["manifest_sha256"],
+        "n_selected": summary["rows"],
+        "n_eligible": summary["n_eligible"],
+        "counts_per_dataset": json.dumps(summary["counts_per_dataset"], sort_keys=True),
+        "seconds": summary["seconds"],
+    }
+    folder = selections_dir(ws)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{summary['selection_id']}.parquet"
+    tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+    pq.write_table(pa.Table.from_pylist([row]), tmp)
+    os.replace(tmp, final)
+    return final

@@ -1,0 +1,65 @@
+"""Client target tasks built from held-out corpus images (never in the indexed source)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from nds.config import Workspace
+from nds.corpus import load_catalog, load_images
+from nds.errors import NDSError
+from nds.export import safe_name
+
+log = logging.getLogger(__name__)
+
+
+def export_holdout(ws: Workspace, dataset: str, out_dir: Path, *, per_class: int = 20, seed: int = 0,
+                   max_classes: int | None = None) -> dict:
+    """Write up to `per_class` held-out images per label of `dataset` as an ImageFolder of PNGs."""
+    from PIL import Image
+
+    cat = load_catalog(ws.data_dir, split="holdout")
+    ds = np.asarray(cat.column("dataset").to_pylist(), dtype=object)
+    known = sorted(set(ds))
+    if dataset not in known:
+        raise NDSError(f"no held-out images for dataset {dataset!r}; choose one of {known}")
+    idx = np.flatnonzero(ds == dataset)
+    labels = np.asarray(cat.column("label").to_pylist(), dtype=object)[idx]
+    rng = np.random.default_rng(seed)
+    classes = sorted(set(labels))
+    if max_classes is not None:
+        counts = {c: int((labels == c).sum()) for c in classes}
+        classes = sorted(sorted(classes, key=lambda c: -counts[c])[:max_classes])
+    chosen = []
+    for c in classes:
+        members = idx[labels == c]
+        chosen.extend(rng.permutation(members)[:per_class].tolist())
+    chosen = np.asarray(sorted(chosen))
+    if len(chosen) == 0:
+        raise NDSError(f"dataset {dataset!r} has no held-out images in this corpus")
+    arrays = cat.column("array").take(chosen).to_pylist()
+    rows = np.asarray(cat.column("row").take(chosen).to_pylist(), dtype=np.int64)
+    images = load_images(ws.data_dir, arrays, rows)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise NDSError(f"{out_dir} is not empty: choose a new folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        ids = cat.column("sample_id").take(chosen).to_pylist()
+        labs = cat.column("label").take(chosen).to_pylist()
+        for img, sid, lab in zip(images, ids, labs):
+            folder = staging / safe_name(lab)
+            folder.mkdir(exist_ok=True)
+            Image.fromarray(img).save(folder / f"{safe_name(sid)}.png")
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {"dataset": dataset, "images": len(chosen), "classes": len(classes), "out_dir": str(out_dir)}
