@@ -13,7 +13,7 @@ from flows.cluster import cluster
 from flows.compute_weights import compute_weights
 from flows.extract import extract
 from flows.train_experts import train_experts
-from nds import versioning
+from nds import pipeline, versioning
 from nds.report import index_summary_markdown
 
 
@@ -21,6 +21,12 @@ from nds.report import index_summary_markdown
 def dvc_commit(root: str | None) -> bool:
     ws, _ = workspace_and_params(root)
     return versioning.commit_outputs(ws)
+
+
+@task(name="write-summary")
+def write_summary(root: str | None, summary: dict) -> None:
+    ws, _ = workspace_and_params(root)
+    pipeline.write_json(ws.artifacts_dir / "index_summary.json", summary)
 
 
 @flow(name="index")
@@ -54,6 +60,7 @@ def index(root: str | None = None, progress: bool = False) -> dict:
         "bundle": str(ws.stage_dir("experts")),
         "dvc_versioned": versioned,
     }
+    write_summary(root, summary)
     create_markdown_artifact(
         key="index-summary", markdown=index_summary_markdown(summary, cl), description="NDS index build"
     )

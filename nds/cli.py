@@ -31,6 +31,15 @@ def _cmd_corpus_build(args) -> int:
     return 0
 
 
+def _cmd_corpus_holdout(args) -> int:
+    from nds.targets import export_holdout
+
+    info = export_holdout(Workspace.from_env(args.root), args.dataset, Path(args.out), per_class=args.per_class,
+                          seed=args.seed)
+    print(f"wrote {info['images']} held-out {args.dataset} images in {info['classes']} classes to {info['out_dir']}")
+    return 0
+
+
 def _corpus_profile(ws: Workspace) -> str | None:
     path = ws.data_dir / "corpus.json"
     return json.loads(path.read_text()).get("profile") if path.exists() else None
@@ -171,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--profile", default="small", choices=sorted(PROFILES))
     build.add_argument("--no-dvc", action="store_true", help="do not `dvc add data`")
     build.set_defaults(func=_cmd_corpus_build)
+    hold = csub.add_parser("holdout", help="write held-out images of one domain as a client task (ImageFolder)")
+    hold.add_argument("--dataset", required=True)
+    hold.add_argument("--per-class", type=int, default=20)
+    hold.add_argument("--seed", type=int, default=0)
+    hold.add_argument("--out", required=True)
+    hold.set_defaults(func=_cmd_corpus_holdout)
 
     idx = sub.add_parser("index", help="build the corpus if needed and run the whole index pipeline")
     idx.add_argument("--profile", default="small", choices=sorted(PROFILES))

@@ -177,14 +177,21 @@ def save_expert(model, path: Path, *, meta: dict) -> str:
     """Atomically write an expert (state_dict + meta); returns the file's sha256."""
     import torch
 
+    import io
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Serialise in memory: torch.save names the archive after the file it writes, so saving
+    # straight to a temporary name would make identical experts differ byte for byte.
+    buf = io.BytesIO()
+    torch.save({"meta": meta, "state_dict": model.state_dict()}, buf)
+    data = buf.getvalue()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save({"meta": meta, "state_dict": model.state_dict()}, tmp)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return file_sha256(path)
+    return hashlib.sha256(data).hexdigest()
 
 
 def load_expert(path: Path, *, expected_sha256: str | None = None):

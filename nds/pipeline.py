@@ -248,8 +248,11 @@ def finish_experts(ws: Workspace, params: Params, entries: list[dict]) -> dict:
 
 
 def run_train_experts(ws: Workspace, params: Params) -> dict:
-    """Sequential path (used by `dvc repro`); the Prefect flow maps train_one_expert instead."""
-    entries = [train_one_expert(ws, params, k) for k in plan_experts(ws, params)]
+    """The `dvc repro` path: experts side by side in threads, as the Prefect flow's tasks run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=params.train_experts.workers) as pool:
+        entries = list(pool.map(lambda k: train_one_expert(ws, params, k), plan_experts(ws, params)))
     return finish_experts(ws, params, entries)
 
 

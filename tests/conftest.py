@@ -72,12 +72,12 @@ def tiny_corpus_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_index(tmp_path_factory, tiny_corpus_dir, prefect_server):
-    """A workspace with the tiny corpus, indexed by the Prefect `index` flow."""
-    from flows.index import index
-    from nds import versioning
+    """A workspace with the tiny corpus, indexed by `nds index` (the Prefect `index` flow)."""
+    import json
+
+    from nds.cli import main
 
     ws = make_workspace(tmp_path_factory.mktemp("tiny-index"))
     shutil.copytree(tiny_corpus_dir, ws.data_dir)
-    versioning.track_corpus(ws)
-    summary = index(str(ws.root))
-    return ws, summary
+    assert main(["--root", str(ws.root), "-q", "index", "--profile", "tiny"]) == 0
+    return ws, json.loads((ws.artifacts_dir / "index_summary.json").read_text())

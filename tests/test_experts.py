@@ -70,3 +70,13 @@ def test_bundle_round_trip_and_tamper_detection(tmp_path):
     (tmp_path / "bundle.json").write_text(json.dumps(doc))
     with pytest.raises(NDSError, match="checksum mismatch"):
         experts.load_bundle(tmp_path, verify=False)
+
+
+def test_identical_experts_have_identical_files(tmp_path):
+    """Index versions are content ids: the same training must give the same bytes."""
+    shas = []
+    for name in ("a", "b"):
+        model, _ = experts.train_expert(_digits_like(16), max_steps=2, batch_size=8, seed=1)
+        shas.append(experts.save_expert(model, tmp_path / name / "expert_000.pt", meta={"arch": "rotnet_small", "expert": 0}))
+    assert shas[0] == shas[1]
+    assert experts.file_sha256(tmp_path / "a" / "expert_000.pt") == shas[0]

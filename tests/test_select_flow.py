@@ -171,3 +171,24 @@ def test_cli_select_and_download(tiny_index, client_scores, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_cli_client_walkthrough(tiny_index, tmp_path, capsys):
+    """The README's client commands, in order: holdout task -> fetch -> score -> select -> status."""
+    ws, _ = tiny_index
+    root = ["--root", str(ws.root), "-q"]
+    assert nds_main(root + ["corpus", "holdout", "--dataset", "fashion", "--per-class", "4", "--out",
+                            str(tmp_path / "task")]) == 0
+    assert nds_main(root + ["client", "fetch-experts", str(ws.stage_dir("experts")), "--out",
+                            str(tmp_path / "experts")]) == 0
+    assert nds_main(root + ["client", "score", "--experts", str(tmp_path / "experts"), "--data",
+                            str(tmp_path / "task"), "--out", str(tmp_path / "scores.json"), "--emit-hashes"]) == 0
+    doc = json.loads((tmp_path / "scores.json").read_text())
+    n_task = len(list((tmp_path / "task").rglob("*.png")))
+    assert doc["mode"] == "rotation" and len(doc["scores"]) == 7 and len(doc["exclude_sha256"]) == n_task
+    assert "task" not in json.dumps(doc)  # nothing about the client's files leaves the client
+    assert nds_main(root + ["select", "--scores", str(tmp_path / "scores.json"), "--budget", "0.05",
+                            "--out", str(tmp_path / "sel")]) == 0
+    capsys.readouterr()
+    assert nds_main(root + ["status"]) == 0
+    assert "clusters of the current version" in capsys.readouterr().out

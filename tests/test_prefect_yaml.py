@@ -1,0 +1,25 @@
+"""Every deployment in prefect.yaml points at a flow that imports."""
+
+import importlib.util
+
+import yaml
+from prefect import Flow
+
+from conftest import REPO
+
+
+def test_every_entrypoint_imports():
+    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    assert doc["deployments"]
+    for dep in doc["deployments"]:
+        path, func = dep["entrypoint"].split(":")
+        spec = importlib.util.spec_from_file_location(f"entry_{func}", REPO / path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert isinstance(getattr(module, func), Flow), dep["name"]
+
+
+def test_index_schedule_ships_inactive():
+    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    index = next(d for d in doc["deployments"] if d["name"] == "index")
+    assert all(s.get("active") is False for s in index["schedules"])
