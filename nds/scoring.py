@@ -197,7 +197,7 @@ def score_experts(
     bundle_dir: Path,
     data: "ClientData",
     *,
-    mode: str = "linear",
+    mode: str = "rotation",
     seed: int = 0,
     progress: bool = True,
 ) -> ScoreResult:
