@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from nds import experts, manifest, selection
+from nds import experts, manifest, selection, warehouse
 from nds.config import Workspace
 from nds.errors import NDSError
 
@@ -36,11 +36,6 @@ log = logging.getLogger(__name__)
 #: accuracies in [0, 1] whose spread between relevant and irrelevant experts is a few
 #: points to tens of points; see the README's temperature sweep for how this was chosen.
 DEFAULT_TEMPERATURE = 0.02
-SELECTION_RECORD_COLUMNS = (
-    "selection_id", "created_at", "index_version", "bundle_sha256", "mode", "parameters",
-    "scores", "expert_weights", "manifest_location", "manifest_sha256", "n_selected",
-    "n_eligible", "counts_per_dataset", "seconds",
-)
 
 
 class SelectRequest(BaseModel):
@@ -144,7 +139,7 @@ def manifests_root(ws: Workspace) -> Path:
 
 
 def selections_dir(ws: Workspace) -> Path:
-    return ws.warehouse_path.parent / "selections"
+    return warehouse.selections_folder(ws.warehouse_path)
 
 
 def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None = None,
@@ -237,6 +232,6 @@ def record_selection(ws: Workspace, summary: dict, *, scores: list[float]) -> Pa
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{summary['selection_id']}.parquet"
     tmp = folder / f".{final.name}.tmp-{os.getpid()}"
-    pq.write_table(pa.Table.from_pylist([row]), tmp)
+    pq.write_table(pa.Table.from_pylist([row], schema=warehouse.SELECTIONS_SCHEMA), tmp)
     os.replace(tmp, final)
     return final

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import resources
@@ -16,6 +17,7 @@ from typing import Iterator
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from nds.errors import NDSError
 
@@ -54,11 +56,24 @@ def connect(path: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyC
     try:
         if not read_only:
             for f in sql_files():
-                con.execute(f.read_text())
-        _attach_selections(con, path, temporary=read_only)
+                con.execute(_render(f.read_text(), path))
         yield con
     finally:
         con.close()
+
+
+#: One audit row per selection run, stored as its own Parquet file (see nds/selections.py).
+SELECTIONS_SCHEMA = pa.schema(
+    [
+        ("selection_id", pa.string()), ("created_at", pa.timestamp("us")), ("index_version", pa.string()),
+        ("bundle_sha256", pa.string()), ("mode", pa.string()), ("parameters", pa.string()),
+        ("scores", pa.list_(pa.float64())), ("expert_weights", pa.list_(pa.float64())),
+        ("manifest_location", pa.string()), ("manifest_sha256", pa.string()), ("n_selected", pa.int64()),
+        ("n_eligible", pa.int64()), ("counts_per_dataset", pa.string()), ("seconds", pa.float64()),
+    ]
+)
+#: A zero-row file with the schema keeps the `selections` view valid before the first run.
+SELECTIONS_SCHEMA_FILE = "_schema.parquet"
 
 
 def selections_folder(path: Path) -> Path:
@@ -66,15 +81,19 @@ def selections_folder(path: Path) -> Path:
     return Path(path).resolve().parent / "selections"
 
 
-def _attach_selections(con, path: Path, *, temporary: bool) -> None:
-    """Point the `selections` view at the selection row files, once there are any."""
+def _render(sql: str, path: Path) -> str:
+    """Fill the one template slot of the DDL: the selections glob (from configuration, not users)."""
+    if "{selections_glob}" not in sql:
+        return sql
     folder = selections_folder(path)
-    if not any(folder.glob("*.parquet")):
-        return
-    # DDL takes no bound parameters; the path comes from configuration, quoted as a literal.
-    literal = str(folder / "*.parquet").replace("'", "''")
-    kind = "TEMP VIEW" if temporary else "VIEW"
-    con.execute(f"CREATE OR REPLACE {kind} selections AS SELECT * FROM read_parquet('{literal}', union_by_name = true)")
+    folder.mkdir(parents=True, exist_ok=True)
+    schema_file = folder / SELECTIONS_SCHEMA_FILE
+    if not schema_file.exists():
+        tmp = folder / f".{SELECTIONS_SCHEMA_FILE}.tmp-{os.getpid()}"
+        pq.write_table(SELECTIONS_SCHEMA.empty_table(), tmp)
+        os.replace(tmp, schema_file)
+    # DDL takes no bound parameters: quote the configured path as a SQL string literal.
+    return sql.replace("{selections_glob}", str(folder / "*.parquet").replace("'", "''"))
 
 
 def load_index_version(
