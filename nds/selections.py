@@ -23,6 +23,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -117,12 +118,10 @@ def eligible_mask(index: Index, *, datasets: list[str] | None, exclude: list[str
         mask &= np.isin(np.asarray(index.catalog.column("dataset").to_pylist(), dtype=object), list(datasets))
     n_excluded = 0
     if exclude:
-        drop = set(exclude)
-        hit = np.fromiter(
-            (sid in drop or h in drop for sid, h in zip(index.catalog.column("sample_id").to_pylist(),
-                                                        index.catalog.column("sha256").to_pylist())),
-            dtype=bool, count=n,
-        )
+        drop = pa.array(sorted(set(exclude)), pa.string())
+        hit = pc.or_(pc.is_in(index.catalog.column("sample_id"), value_set=drop),
+                     pc.is_in(index.catalog.column("sha256"), value_set=drop))
+        hit = np.asarray(hit.to_numpy(zero_copy_only=False), dtype=bool)
         n_excluded = int(hit.sum())
         mask &= ~hit
     return mask, n_excluded
