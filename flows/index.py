@@ -6,14 +6,13 @@ import time
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._common import workspace_and_params
 from flows.cluster import cluster
 from flows.compute_weights import compute_weights
 from flows.extract import extract
-from flows.train_experts import train_experts
-from nds import pipeline, versioning
+from flows.train_experts import expert_task_runner, train_experts
+from nds import pipeline, storage, versioning
 from nds.report import index_summary_markdown
 
 
@@ -23,6 +22,28 @@ def dvc_commit(root: str | None) -> bool:
     return versioning.commit_outputs(ws)
 
 
+# Pushing moves data over the network: retry transient failures, never the compute.
+@task(name="dvc-push", retries=2, retry_delay_seconds=10)
+def dvc_push(root: str | None) -> str | None:
+    """`dvc push` the corpus and every stage output to the default remote, if one is set."""
+    ws, _ = workspace_and_params(root)
+    remote = storage.default_dvc_remote(ws.root)
+    if remote is None:
+        return None
+    versioning.push(ws, remote=remote[0])
+    return remote[1]
+
+
+@task(name="publish-bundle", retries=2, retry_delay_seconds=10)
+def publish_bundle(root: str | None, index_version: str) -> str | None:
+    """Copy the expert bundle to `experts/<index version>/` in $NDS_STORAGE_URL, if set."""
+    if not storage.configured_storage_url():
+        return None
+    ws, _ = workspace_and_params(root)
+    return storage.publish_folder(storage.open_storage(), ws.stage_dir("experts"), f"experts/{index_version}",
+                                  last="bundle.json")
+
+
 @task(name="write-summary")
 def write_summary(root: str | None, summary: dict) -> None:
     ws, _ = workspace_and_params(root)
@@ -30,7 +51,7 @@ def write_summary(root: str | None, summary: dict) -> None:
 
 
 @flow(name="index")
-def index(root: str | None = None, progress: bool = False) -> dict:
+def index(root: str | None = None, progress: bool = False, push: bool = True) -> dict:
     ws, params = workspace_and_params(root)
     seconds: dict[str, float] = {}
 
@@ -42,10 +63,12 @@ def index(root: str | None = None, progress: bool = False) -> dict:
 
     ext = timed("extract", extract, root, progress)
     cl = timed("cluster", cluster, root)
-    runner = ThreadPoolTaskRunner(max_workers=params.train_experts.workers)
+    runner = expert_task_runner(params.train_experts.workers)
     bundle = timed("train_experts", train_experts.with_options(task_runner=runner), root)
     wts = timed("compute_weights", compute_weights, root, dict(seconds))
     versioned = dvc_commit(root)
+    pushed_to = dvc_push(root) if versioned and push else None
+    bundle_uri = publish_bundle(root, bundle["index_version"]) if push else None
     summary = {
         "index_version": bundle["index_version"],
         "n_samples": ext["n_samples"],
@@ -59,6 +82,8 @@ def index(root: str | None = None, progress: bool = False) -> dict:
         "artifacts": str(ws.artifacts_dir),
         "bundle": str(ws.stage_dir("experts")),
         "dvc_versioned": versioned,
+        "dvc_remote": pushed_to,
+        "bundle_uri": bundle_uri,
     }
     write_summary(root, summary)
     create_markdown_artifact(

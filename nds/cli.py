@@ -112,7 +112,7 @@ def _cmd_select(args) -> int:
     try:
         request = SelectRequest(
             scores_path=str(args.scores), budget=args.budget, temperature=args.temperature, seed=args.seed,
-            datasets=args.dataset, exclude=exclude, method=args.method,
+            datasets=args.dataset, exclude=exclude, method=args.method, presign_expiry_s=args.presign,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -125,6 +125,9 @@ def _cmd_select(args) -> int:
     for ds, n in sorted(summary["counts_per_dataset"].items(), key=lambda kv: -kv[1]):
         print(f"  {ds:10s} {n:6d}  {n / summary['rows']:.1%}")
     print(f"manifest {summary['manifest_location']} (sha256 {summary['manifest_sha256']})")
+    if summary.get("presigned_urls"):
+        info = summary["presigned_urls"]
+        print(f"presigned URLs in {info['file']} beside the manifest, valid until {info['expires_at']}")
     return 0
 
 
@@ -159,7 +162,75 @@ def _cmd_client_download(args) -> int:
 
     info = download_manifest(Path(args.manifest), Path(args.out), ws=Workspace.from_env(args.root),
                              progress=not args.quiet)
-    print(f"downloaded {info['images']} images into {info['out_dir']} (ImageFolder: dataset/label/sample.png)")
+    print(f"downloaded {info['images']} images from {info['source']} into {info['out_dir']} "
+          "(ImageFolder: dataset/label/sample.png)")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from pydantic import ValidationError
+
+    from nds import evaluation
+
+    if args.from_dir:
+        if args.target_accuracy is None:
+            raise NDSError("--from needs --target-accuracy (what budget reaches accuracy X?)")
+        doc = json.loads((Path(args.from_dir) / "fits.json").read_text()) if (Path(args.from_dir) / "fits.json").exists() else None
+        if doc is None:
+            raise NDSError(f"{args.from_dir}/fits.json not found: run `nds evaluate --out {args.from_dir}` first")
+        fits = evaluation.fits_from_dict(doc["fits"])
+        for line in evaluation.budget_answer_lines(fits, args.target_accuracy, n_source=int(doc["meta"]["n_source"])):
+            print(line)
+        return 0
+    fields = {k: v for k, v in {
+        "tasks": args.task, "budgets": args.budget, "strategies": args.strategy, "shots": args.shots,
+        "seeds": list(range(args.seeds)) if args.seeds is not None else None, "temperature": args.temperature,
+        "train_dir": args.train, "test_dir": args.test, "out_dir": str(Path(args.out).resolve()) if args.out else None,
+    }.items() if v is not None}
+    if args.train:
+        fields.setdefault("tasks", [])
+    try:
+        request = evaluation.quick_request(**fields) if args.quick else evaluation.EvaluateRequest(**fields)
+        if args.pretrain_steps or args.finetune_steps or args.finetune_mode:
+            request.train = request.train.model_copy(update={k: v for k, v in {
+                "pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps,
+                "finetune_mode": args.finetune_mode}.items() if v})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise NDSError(f"--{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    from flows.evaluate import evaluate
+
+    ws = Workspace.from_env(args.root)
+    summary = evaluate(request, str(ws.root), progress=not args.quiet)
+    print(summary["markdown"])
+    print(f"evaluation {summary['evaluation_id']}: {summary['rows']} runs -> {summary['out_dir']}")
+    print(f"plot {summary['paths']['plot']}")
+    if args.target_accuracy is not None:
+        fits = evaluation.fits_from_dict(summary["fits"])
+        if not fits:
+            print("no log-linear fit: measure nds or uniform at >= 2 budgets to predict a budget")
+        for line in evaluation.budget_answer_lines(fits, args.target_accuracy, n_source=summary["n_source"]):
+            print(line)
+    return 0
+
+
+def _cmd_server_up(args) -> int:
+    from nds import server
+
+    state = server.server_up(repo_root=Path(args.repo), home=Path(args.home) if args.home else None,
+                             host=args.host, port=args.port, deployments=args.deployment,
+                             worker=not args.no_worker)
+    print(f"prefect server {state['ui_url']} up in {state['seconds']}s (pids {state['pids']})")
+    print(f"work pool {server.WORK_POOL}, deployments: {state['deployments']}; state {state['home']}/{server.STATE_NAME}")
+    print(f"export PREFECT_API_URL={state['api_url']}   # then e.g. `prefect deployment run select/select`")
+    return 0
+
+
+def _cmd_server_down(args) -> int:
+    from nds import server
+
+    result = server.server_down(Path(args.home) if args.home else None)
+    print("stopped " + (", ".join(f"{k} ({v})" for k, v in result.items()) if result else "nothing (no state file)"))
     return 0
 
 
@@ -206,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--exclude-file", help="file of sample_ids / sha256 hashes to leave out, one per line")
     sel.add_argument("--method", default="es-keys", choices=["es-keys", "two-stage"])
     sel.add_argument("--out", required=True, help="folder for manifest.parquet/.csv and summary.json")
+    sel.add_argument("--presign", type=int, metavar="SECONDS",
+                     help="also write urls.csv: presigned GET URLs of the selected corpus objects (corpus on an S3 DVC remote)")
     sel.set_defaults(func=_cmd_select)
 
     client = sub.add_parser("client", help="client side: fetch experts, score your data, download a selection")
@@ -228,6 +301,38 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--manifest", required=True, help="manifest folder or manifest.parquet/.csv")
     dl.add_argument("--out", required=True)
     dl.set_defaults(func=_cmd_client_download)
+
+    ev = sub.add_parser("evaluate", help="pre-train on each strategy's selection, fine-tune on a target, compare")
+    ev.add_argument("--task", action="append", help="built-in target task (repeatable): digits, clothing, letters, animals, emoji")
+    ev.add_argument("--train", help="your own labelled train ImageFolder (with --test) instead of --task")
+    ev.add_argument("--test", help="your own labelled test ImageFolder")
+    ev.add_argument("--budget", action="append", type=float, help="count or fraction of the source (repeatable)")
+    ev.add_argument("--strategy", action="append", choices=["nds", "uniform", "all", "none"], help="(repeatable; default all four)")
+    ev.add_argument("--seeds", type=int, help="number of seeds (0..N-1; default 3)")
+    ev.add_argument("--shots", type=int, help="train images per class of a built-in task (default 10)")
+    ev.add_argument("--temperature", type=float, help="selection temperature (default: the server's)")
+    ev.add_argument("--pretrain-steps", type=int, help="pre-training optimisation steps, whatever the budget")
+    ev.add_argument("--finetune-steps", type=int)
+    ev.add_argument("--finetune-mode", choices=["all", "last"], help="fine-tune every layer or head + last block")
+    ev.add_argument("--quick", action="store_true", help="tiny smoke profile: 1 task, 1 seed, 2 budgets, short training")
+    ev.add_argument("--out", help="output folder (default: evaluations/<evaluation id>)")
+    ev.add_argument("--target-accuracy", type=float, help="also print the budget predicted to reach this accuracy")
+    ev.add_argument("--from", dest="from_dir", help="answer --target-accuracy from a finished evaluation folder")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    srv = sub.add_parser("server", help="a local Prefect server with the NDS deployments and a worker")
+    ssub = srv.add_subparsers(dest="server_command", required=True)
+    up = ssub.add_parser("up", help="start server, work pool nds-process, `prefect deploy`, a worker")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=4200)
+    up.add_argument("--repo", default=".", help="repository root with prefect.yaml (default: current directory)")
+    up.add_argument("--deployment", action="append", help="deploy only this one (repeatable; default: all)")
+    up.add_argument("--no-worker", action="store_true", help="do not start a worker")
+    up.add_argument("--home", help="PREFECT_HOME and state folder (default: $NDS_PREFECT_HOME or ~/.nds/prefect)")
+    up.set_defaults(func=_cmd_server_up)
+    down = ssub.add_parser("down", help="stop the processes `nds server up` started")
+    down.add_argument("--home", help="as given to `nds server up`")
+    down.set_defaults(func=_cmd_server_down)
 
     status = sub.add_parser("status", help="what the warehouse holds")
     status.add_argument("--json", action="store_true")

@@ -50,6 +50,35 @@ def assign_kmeans(features: np.ndarray, *, k: int, pca_dim: int = 0, seed: int =
     return _renumber(labels, km.cluster_centers_.astype(np.float32))
 
 
+#: faiss k-means: Lloyd iterations, and how many points per centroid it trains on (faiss
+#: subsamples above this; 1024 keeps 1e6 x 256 under a minute on 2 cores for K <= 100 while
+#: the final assignment still covers every sample).
+FAISS_NITER = 25
+FAISS_MAX_POINTS_PER_CENTROID = 1024
+
+
+def assign_kmeans_faiss(features: np.ndarray, *, k: int, pca_dim: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """k-means with faiss-cpu (full-batch Lloyd on a per-centroid sample); same contract as assign_kmeans."""
+    try:
+        import faiss
+    except ImportError as exc:  # pragma: no cover - install hint
+        raise NDSError("cluster method kmeans-faiss needs `pip install faiss-cpu`") from exc
+
+    n = len(features)
+    if k < 1:
+        raise NDSError(f"cluster.k must be >= 1, got {k}")
+    if k > n:
+        raise NDSError(f"cluster.k={k} exceeds the {n} source samples; lower cluster.k in params.yaml")
+    if not np.isfinite(features).all():
+        raise NDSError("features contain NaN/inf; rerun the extract stage")
+    x = np.ascontiguousarray(_prepare(features, pca_dim, seed), dtype=np.float32)
+    km = faiss.Kmeans(x.shape[1], k, niter=FAISS_NITER, nredo=1, seed=seed, verbose=False,
+                      max_points_per_centroid=FAISS_MAX_POINTS_PER_CENTROID)
+    km.train(x)
+    _, labels = km.index.search(x, 1)
+    return _renumber(labels[:, 0].astype(np.int64), km.centroids.astype(np.float32))
+
+
 def _renumber(labels: np.ndarray, centroids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     used, first_idx, sizes = np.unique(labels, return_index=True, return_counts=True)
     order = np.lexsort((first_idx, -sizes))  # biggest first, ties by first occurrence
@@ -89,6 +118,11 @@ def _kmeans(features, datasets, labels, p: ClusterParams):
     return a, c, [f"kmeans-{i}" for i in range(len(c))]
 
 
+def _kmeans_faiss(features, datasets, labels, p: ClusterParams):
+    a, c = assign_kmeans_faiss(features, k=p.k, pca_dim=p.pca_dim, seed=p.seed)
+    return a, c, [f"kmeans-{i}" for i in range(len(c))]
+
+
 def _by_dataset(features, datasets, labels, p: ClusterParams):
     a, names = assign_by_group(datasets)
     return a, None, names
@@ -100,3 +134,9 @@ def _by_label(features, datasets, labels, p: ClusterParams):
 
 
 CLUSTERERS: dict[str, ClusterFn] = {"kmeans": _kmeans, "dataset": _by_dataset, "label": _by_label}
+try:  # optional: only offered where faiss-cpu is installed
+    import faiss  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+else:
+    CLUSTERERS["kmeans-faiss"] = _kmeans_faiss

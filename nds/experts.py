@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,6 +22,7 @@ from nds.errors import NDSError
 log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = 1
+_INIT_LOCK = threading.Lock()
 N_ROTATIONS = 4
 #: Experts see the corpus at its stored size; no resize keeps client and server identical.
 EXPERT_INPUT_SIZE = 32
@@ -123,8 +125,9 @@ def train_expert(
     order = rng.permutation(n)
     n_val = int(round(n * val_fraction)) if n >= 10 else 0
     val_idx, train_idx = order[:n_val], order[n_val:]
-    torch.manual_seed(seed)
-    model = build_expert(arch)
+    with _INIT_LOCK:  # torch's global RNG: experts built side by side must not interleave
+        torch.manual_seed(seed)
+        model = build_expert(arch)
     steps_per_epoch = max(1, int(np.ceil(len(train_idx) / batch_size)))
     total = min(max_steps, epochs * steps_per_epoch)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)

@@ -17,6 +17,10 @@ from nds.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 
+#: A presigned download reads each corpus object once; a stalled server fails, not hangs.
+URL_TIMEOUT_S = 120
+URLS_NAME = "urls.csv"  # written beside the manifest by `nds select --presign`
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -34,12 +38,75 @@ def parse_uri(uri: str) -> tuple[str, int]:
     return path.removeprefix("data/"), int(row)
 
 
+def load_url_column(manifest_path: Path, table) -> list[str] | None:
+    """The presigned `url` of each manifest row (urls.csv beside the manifest), or None."""
+    import pyarrow.csv as pacsv
+
+    path = Path(manifest_path)
+    urls_file = (path if path.is_dir() else path.parent) / URLS_NAME
+    if not urls_file.exists():
+        return None
+    urls = pacsv.read_csv(urls_file, convert_options=pacsv.ConvertOptions(
+        column_types={"sample_id": "string", "url": "string"}))
+    by_id = dict(zip(urls.column("sample_id").to_pylist(), urls.column("url").to_pylist()))
+    missing = [s for s in table.column("sample_id").to_pylist() if s not in by_id]
+    if missing:
+        raise NDSError(f"{urls_file} has no url for {len(missing)} manifest rows (e.g. {missing[0]}): select again")
+    return [by_id[s] for s in table.column("sample_id").to_pylist()]
+
+
+class _UrlImages:
+    """Images behind presigned URLs `<object url>#<row>`; each object is fetched once."""
+
+    def __init__(self, urls: list[str]):
+        self.urls = urls
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def _array(self, base: str) -> np.ndarray:
+        import io
+        import urllib.error
+        import urllib.request
+
+        if base not in self._arrays:
+            try:
+                with urllib.request.urlopen(base, timeout=URL_TIMEOUT_S) as resp:
+                    raw = resp.read()
+            except urllib.error.HTTPError as exc:
+                hint = "the URLs have expired: select again with --presign" if exc.code in (400, 403) else "check the URL"
+                raise NDSError(f"download of a corpus object failed with HTTP {exc.code}: {hint}") from exc
+            except (urllib.error.URLError, OSError) as exc:
+                raise NDSError(f"cannot reach the corpus store ({exc}): check the network") from exc
+            try:
+                self._arrays[base] = np.load(io.BytesIO(raw), allow_pickle=False)
+            except ValueError as exc:
+                raise NDSError(f"a corpus object is not a .npy image array ({exc})") from exc
+        return self._arrays[base]
+
+    def load(self, start: int, stop: int) -> list[np.ndarray]:
+        out = []
+        for url in self.urls[start:stop]:
+            base, sep, row = url.rpartition("#")
+            if not sep or not row.isdigit():
+                raise NDSError(f"url {url[:80]}... lacks its #row suffix")
+            arr = self._array(base)
+            if int(row) >= len(arr):
+                raise NDSError(f"row {row} out of range for a corpus object of {len(arr)} images")
+            out.append(arr[int(row)])
+        return out
+
+
 def download_manifest(manifest_path: Path, out_dir: Path, *, ws: Workspace, progress: bool = True) -> dict:
-    """Write every selected image as a PNG under `out_dir`; atomic (temp folder, then rename)."""
+    """Write every selected image as a PNG under `out_dir`; atomic (temp folder, then rename).
+
+    Images come from presigned URLs when the manifest has them (`urls.csv`, from
+    `nds select --presign`), otherwise from the workspace's corpus (`ws.data_dir`).
+    """
     from PIL import Image
     from tqdm import tqdm
 
     table = load_manifest(Path(manifest_path))
+    urls = load_url_column(Path(manifest_path), table)
+    remote = _UrlImages(urls) if urls is not None else None
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise NDSError(f"{out_dir} is not empty: choose a new folder for the download")
@@ -55,7 +122,10 @@ def download_manifest(manifest_path: Path, out_dir: Path, *, ws: Workspace, prog
         chunk = 2048
         with tqdm(total=len(ids), desc="download", unit="img", disable=not progress) as bar:
             for s in range(0, len(ids), chunk):
-                images = load_images(ws.data_dir, arrays[s : s + chunk], rows[s : s + chunk])
+                if remote is not None:
+                    images = remote.load(s, s + chunk)
+                else:
+                    images = load_images(ws.data_dir, arrays[s : s + chunk], rows[s : s + chunk])
                 for i, img in enumerate(images, start=s):
                     folder = staging / safe_name(datasets[i]) / safe_name(labels[i])
                     folder.mkdir(parents=True, exist_ok=True)
@@ -68,4 +138,5 @@ def download_manifest(manifest_path: Path, out_dir: Path, *, ws: Workspace, prog
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log.info("downloaded %d images to %s", len(ids), out_dir)
-    return {"images": len(ids), "out_dir": str(out_dir), "datasets": sorted(set(datasets))}
+    return {"images": len(ids), "out_dir": str(out_dir), "datasets": sorted(set(datasets)),
+            "source": "presigned URLs" if remote is not None else str(ws.data_dir)}

@@ -258,17 +258,7 @@ def _draw_two_stage(p: np.ndarray, budget: int, *, rng: np.random.Generator, ass
         )
     n_c = groups.counts.sum(axis=0)
     k = n_c.size
-
-    arrival_cluster, window, log_time = _cluster_arrivals(n_c, groups.p_max, budget, rng=rng)
-    if window[-1] > 0:
-        # Later windows start where earlier ones end: make the key one increasing number.
-        log_time = _order_key(window, log_time)
-    if log_time.size > budget:
-        first = np.argpartition(log_time, budget - 1)[:budget]
-    else:
-        first = np.arange(budget)
-    first = first[np.argsort(log_time[first], kind="stable")]
-    ranked_cluster = arrival_cluster[first]  # (B,) cluster of each rank
+    ranked_cluster = _ranked_clusters(n_c, groups.p_max, budget, rng=rng)
 
     # Stage 2: the rank slots of each cluster, in rank order, get a random ordered subset.
     slots = np.argsort(_narrow_codes(ranked_cluster, k), kind="stable")
@@ -347,6 +337,24 @@ def _group_by_cluster(a: np.ndarray, p: np.ndarray) -> _ClusterGroups:
 def _narrow_codes(a: np.ndarray, k: int) -> np.ndarray:
     """Cluster ids as int16 when K allows, so numpy's stable argsort is a radix sort."""
     return a.astype(np.int16) if k <= RADIX_SORT_MAX_CLUSTERS else a
+
+
+def _ranked_clusters(n_c: np.ndarray, q: np.ndarray, budget: int, *, rng: np.random.Generator) -> np.ndarray:
+    """(B,) cluster of each rank: stage 1 of the two-stage draw (see _draw_two_stage).
+
+    n_c: (K,) int eligible members per cluster; q: (K,) float per-member probability
+    (> 0 wherever n_c > 0). O(K + B) random numbers and work, independent of N.
+    """
+    arrival_cluster, window, log_time = _cluster_arrivals(n_c, q, budget, rng=rng)
+    if window[-1] > 0:
+        # Later windows start where earlier ones end: make the key one increasing number.
+        log_time = _order_key(window, log_time)
+    if log_time.size > budget:
+        first = np.argpartition(log_time, budget - 1)[:budget]
+    else:
+        first = np.arange(budget)
+    first = first[np.argsort(log_time[first], kind="stable")]
+    return arrival_cluster[first]
 
 
 def _cluster_arrivals(n_c: np.ndarray, q: np.ndarray, budget: int, *, rng: np.random.Generator):
@@ -458,6 +466,305 @@ def select_samples(
     chosen = SAMPLERS[method](p, int(budget), rng=rng, assignments=assignments)
     log.info("selected %d of %d eligible samples with %s (seed %d)", budget, n_positive, method, seed)
     return chosen.astype(np.int64, copy=False)
+
+
+# --------------------------------------------------------------------------- cluster layout
+
+
+# Counting sort block: 2**20 int16 codes sort in cache-sized pieces (see GROUP_BLOCK) while
+# keeping the Python loop to N / 1e6 iterations.
+LAYOUT_BLOCK = 2**20
+
+# A cluster whose draw takes more than this share of its members (or whose eligible share
+# falls below 1 - this) is drawn by materialising its eligible members: O(n_c), which is then
+# O(m_c). Below it, drawing positions with replacement and discarding repeats needs at most
+# 1 / (1 - share) = 2 tries per accepted member.
+DENSE_SHARE = 0.5
+
+# Each rejection round draws the expected number of tries for the missing members, plus this
+# many standard deviations and a floor, so one or two rounds suffice (a short round is never
+# wrong: the next one continues the same sequential process).
+ROUND_OVERSHOOT_SD = 4.0
+ROUND_MIN_SLACK = 8
+
+LAYOUT_FILES = ("order.npy", "offsets.npy")
+
+
+def build_cluster_layout(assignments, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample indices grouped by cluster, computed once per index for select_samples_clustered.
+
+    assignments: (N,) int cluster ids in [0, k) (a memory-mapped array is read block by block).
+    Returns (order, offsets): order (N,) int32 (int64 if N >= 2**31) holds the members of
+    cluster c, in index order, at order[offsets[c]:offsets[c + 1]]; offsets (k + 1,) int64.
+    O(N) time (a blockwise counting sort), memory: the output plus one block.
+    """
+    a = np.asarray(assignments)
+    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise NDSError(f"assignments must be a (N,) array of integer cluster ids, got {a.dtype} {a.shape}")
+    if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
+        raise NDSError(f"k must be a positive int (the number of clusters), got {k!r}")
+    k = int(k)
+    n = a.size
+    counts = np.zeros(k, dtype=np.int64)
+    for lo in range(0, n, LAYOUT_BLOCK):
+        block = a[lo : lo + LAYOUT_BLOCK]
+        if block.min() < 0 or block.max() >= k:
+            raise NDSError(
+                f"assignments hold cluster ids in [{int(block.min())}, {int(block.max())}] "
+                f"but k={k}: ids must lie in [0, k)"
+            )
+        counts += np.bincount(block, minlength=k)
+    offsets = np.zeros(k + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    order = np.empty(n, dtype=np.int32 if n < 2**31 else np.int64)
+    cursor = offsets[:-1].copy()
+    for lo in range(0, n, LAYOUT_BLOCK):
+        codes = _narrow_codes(np.asarray(a[lo : lo + LAYOUT_BLOCK]), k)
+        local = np.argsort(codes, kind="stable")
+        cnt = np.bincount(codes, minlength=k)
+        sorted_codes = codes[local].astype(np.int64)
+        within = np.arange(local.size) - (np.cumsum(cnt) - cnt)[sorted_codes]
+        order[cursor[sorted_codes] + within] = local + lo
+        cursor += cnt
+    return order, offsets
+
+
+def save_cluster_layout(layout, directory) -> list:
+    """Write (order, offsets) as .npy files in `directory` (atomically each); returns the paths."""
+    from pathlib import Path
+
+    order, offsets = _as_layout(layout)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, arr in zip(LAYOUT_FILES, (order, offsets)):
+        path = directory / name
+        tmp = directory / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def load_cluster_layout(directory, *, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Read the layout written by save_cluster_layout; `order` memory-mapped unless mmap=False."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    missing = [n for n in LAYOUT_FILES if not (directory / n).exists()]
+    if missing:
+        raise NDSError(f"cluster layout {missing} missing in {directory}: rebuild it with build_cluster_layout")
+    order = np.load(directory / LAYOUT_FILES[0], mmap_mode="r" if mmap else None)
+    offsets = np.load(directory / LAYOUT_FILES[1])
+    return _as_layout((order, offsets))
+
+
+def compute_member_probabilities(expert_weights, cluster_sizes, eligible_counts=None) -> np.ndarray:
+    """(K,) float64 probability of one eligible member of each cluster: p(x) = out[a(x)].
+
+    The same numbers compute_sample_probabilities gives every eligible member, in O(K):
+    cluster_sizes (K,) int |S_k| as stored with the index; eligible_counts (K,) int
+    eligible members per cluster (None: all). Clusters with no eligible member get 0.
+    """
+    w = np.asarray(expert_weights, dtype=np.float64)
+    sizes = np.asarray(cluster_sizes)
+    if w.ndim != 1 or w.size == 0:
+        raise NDSError(f"expert_weights must be a non-empty (K,) array, got shape {w.shape}")
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise NDSError("expert_weights must be finite, non-negative and not all zero (use compute_expert_weights)")
+    k = w.size
+    if sizes.shape != (k,) or not np.issubdtype(sizes.dtype, np.integer) or (sizes < 0).any():
+        raise NDSError(
+            f"cluster_sizes must be ({k},) non-negative integers (one per expert weight), got {sizes.dtype} {sizes.shape}: "
+            "the scores and the index have different K"
+        )
+    n_eligible = sizes if eligible_counts is None else np.asarray(eligible_counts)
+    if n_eligible.shape != (k,) or (n_eligible < 0).any() or (n_eligible > sizes).any():
+        raise NDSError(f"eligible_counts must be ({k},) integers between 0 and the cluster sizes")
+    per_member = np.divide(w, sizes, out=np.zeros(k), where=sizes > 0)
+    total = float(per_member @ n_eligible)
+    if not total > 0:
+        raise NDSError(
+            "no eligible sample has positive probability: every eligible sample sits in a cluster "
+            "whose expert weight is 0 (raise the temperature or loosen the dataset filter)"
+        )
+    return np.where(n_eligible > 0, per_member / total, 0.0)
+
+
+def select_samples_clustered(
+    layout,
+    expert_weights,
+    budget: int,
+    *,
+    seed: int,
+    excluded=None,
+    assignments=None,
+) -> np.ndarray:
+    """The two-stage draw in O(K + B) work: independent of N apart from the exclusions.
+
+    Same law as select_samples(compute_sample_probabilities(assignments, expert_weights,
+    eligible=...), budget, seed=...) with either sampler: successive sampling, each draw
+    proportional to p(x) = a_c(x) / |S_c(x)| among the eligible samples not drawn yet.
+    (Same law, not the same numbers: the random streams differ.)
+
+    layout: (order, offsets) from build_cluster_layout / load_cluster_layout; `order` may be
+        memory-mapped, only the B drawn positions (plus rejected ones) are read.
+    expert_weights: (K,) float, non-negative (compute_expert_weights).
+    budget: int count, 1 <= budget <= eligible samples in clusters of positive weight.
+    seed: the only source of randomness; same inputs and seed -> same selection.
+    excluded: (M,) int sample indices that may not be drawn (dataset filter, exclusions), or
+        None. Costs O(M log M); pass np.flatnonzero(~eligible).
+    assignments: (N,) int cluster ids, needed only with `excluded` (reads M entries).
+    Returns (B,) int64 sample indices in rank order (rank 0 = drawn first).
+
+    Stage 1 (per-rank clusters) is _ranked_clusters, exactly as in two-stage. Stage 2 gives
+    cluster c's m_c ranks a uniformly random ordered m_c-subset of its eligible members:
+    positions j in [0, n_c) are drawn uniformly, discarding repeats and excluded members
+    (the sequential form of drawing without replacement, vectorised over clusters in
+    rounds), or, for dense clusters (DENSE_SHARE), by a permutation of the eligible members.
+    """
+    order, offsets = _as_layout(layout)
+    k = offsets.size - 1
+    sizes = np.diff(offsets)
+    w = np.asarray(expert_weights, dtype=np.float64)
+    if w.shape != (k,):
+        raise NDSError(
+            f"expert_weights has shape {w.shape} but the layout has {k} clusters: "
+            "the scores and the index have different K (use the scores made for this index version)"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise NDSError(f"seed must be a non-negative int, got {seed!r}")
+    if isinstance(budget, bool) or not isinstance(budget, Integral):
+        raise NDSError(f"budget must be an int count here, got {budget!r} (use resolve_budget for fractions)")
+    excluded_sorted, excluded_counts = _excluded_by_cluster(excluded, assignments, order.size, k)
+    eligible_counts = sizes - excluded_counts
+    q = compute_member_probabilities(w, sizes, eligible_counts)
+    n_c = np.where(q > 0, eligible_counts, 0)
+    n_positive = int(n_c.sum())
+    if budget < 1:
+        raise NDSError(f"budget must be >= 1, got {budget}")
+    if budget > n_positive:
+        raise NDSError(
+            f"budget {budget} exceeds the {n_positive} eligible samples (p > 0): "
+            "lower the budget or loosen the filters"
+        )
+    rng = np.random.default_rng(int(seed))
+    budget = int(budget)
+    ranked_cluster = _ranked_clusters(n_c, q, budget, rng=rng)
+
+    m_c = np.bincount(ranked_cluster, minlength=k)
+    # The ranks of each cluster, cluster-major and in rank order within a cluster.
+    slots = np.argsort(_narrow_codes(ranked_cluster, k), kind="stable")
+    start = np.cumsum(m_c) - m_c
+    chosen = np.empty(budget, dtype=np.int64)
+    dense = (m_c > DENSE_SHARE * sizes) | (eligible_counts < (1 - DENSE_SHARE) * sizes)
+    dense &= m_c > 0
+    for c in np.flatnonzero(dense):  # each costs O(n_c) = O(m_c / DENSE_SHARE) or one excluded-heavy cluster
+        members = np.asarray(order[offsets[c] : offsets[c + 1]], dtype=np.int64)
+        if excluded_counts[c]:
+            members = members[~_is_excluded(members, excluded_sorted)]
+        m = int(m_c[c])
+        pick = rng.choice(members.size, size=m, replace=False, shuffle=True)
+        chosen[slots[start[c] : start[c] + m]] = members[pick]
+    sparse = (m_c > 0) & ~dense
+    if sparse.any():
+        positions = _draw_sparse_positions(sizes, eligible_counts, m_c * sparse, offsets, order, excluded_sorted, rng)
+        cluster_of = np.repeat(np.arange(k), m_c * sparse)
+        rank_slot = slots[start[cluster_of] + (np.arange(cluster_of.size) - (np.cumsum(m_c * sparse) - m_c * sparse)[cluster_of])]
+        chosen[rank_slot] = np.asarray(order[positions], dtype=np.int64)
+    log.info("selected %d of %d eligible samples with clustered two-stage (seed %d, %d dense clusters)",
+             budget, n_positive, seed, int(dense.sum()))
+    return chosen
+
+
+def _draw_sparse_positions(sizes, eligible_counts, want, offsets, order, excluded_sorted, rng) -> np.ndarray:
+    """Positions into `order`, want[c] per cluster, cluster-major, each cluster's in draw order.
+
+    Per cluster: positions uniform on [0, n_c), dropping repeats and excluded members, until
+    want[c] are kept: exactly a uniformly random ordered want[c]-subset of the eligible
+    members. Rounds are vectorised over clusters; kept positions come first in the next
+    round, so "first occurrence" keeps the sequential order.
+    """
+    k = sizes.size
+    kept = np.empty(0, dtype=np.int64)
+    have = np.zeros(k, dtype=np.int64)
+    while True:
+        deficit = want - have
+        if not deficit.any():
+            break
+        active = np.flatnonzero(deficit)
+        d = deficit[active].astype(np.float64)
+        n = sizes[active].astype(np.float64)
+        avail = (eligible_counts[active] - have[active]).astype(np.float64)
+        # Expected tries for d more distinct eligible members: n * (H(avail) - H(avail - d)).
+        tries = n * (np.log(avail + 0.5) - np.log(avail - d + 0.5))
+        tries = np.ceil(tries + ROUND_OVERSHOOT_SD * np.sqrt(tries) + ROUND_MIN_SLACK).astype(np.int64)
+        cid = np.repeat(active, tries)
+        draws = offsets[cid] + (rng.random(cid.size) * sizes[cid]).astype(np.int64)
+        draws = np.minimum(draws, offsets[cid + 1] - 1)  # guard the float rounding at the top edge
+        keys = np.concatenate([kept, draws])
+        _, first = np.unique(keys, return_index=True)
+        first.sort()
+        cand = keys[first]
+        if excluded_sorted is not None:
+            cand = cand[~_is_excluded(np.asarray(order[cand], dtype=np.int64), excluded_sorted)]
+        cluster = np.searchsorted(offsets, cand, side="right") - 1
+        by_cluster = np.argsort(_narrow_codes(cluster, k), kind="stable")
+        cand, cluster = cand[by_cluster], cluster[by_cluster]
+        cnt = np.bincount(cluster, minlength=k)
+        within = np.arange(cand.size) - (np.cumsum(cnt) - cnt)[cluster]
+        keep = within < want[cluster]
+        kept = cand[keep]
+        have = np.minimum(cnt, want)
+    return kept
+
+
+def _excluded_by_cluster(excluded, assignments, n: int, k: int):
+    """(sorted unique excluded indices or None, (K,) excluded members per cluster)."""
+    if excluded is None:
+        return None, np.zeros(k, dtype=np.int64)
+    x = np.asarray(excluded)
+    if x.ndim != 1 or (x.size and not np.issubdtype(x.dtype, np.integer)):
+        raise NDSError(f"excluded must be a (M,) array of sample indices, got {x.dtype} {x.shape} "
+                       "(from a bool mask use np.flatnonzero(~eligible))")
+    if x.size == 0:
+        return None, np.zeros(k, dtype=np.int64)
+    x = np.unique(x.astype(np.int64))
+    if x[0] < 0 or x[-1] >= n:
+        raise NDSError(f"excluded holds sample index {int(x[0] if x[0] < 0 else x[-1])} outside [0, {n})")
+    if assignments is None:
+        raise NDSError("excluded needs assignments (the (N,) cluster id of each sample) to count exclusions per cluster")
+    a = np.asarray(assignments)
+    if a.shape != (n,):
+        raise NDSError(f"assignments has shape {a.shape} but the layout holds {n} samples: pass the same index")
+    return x, np.bincount(np.asarray(a[x], dtype=np.int64), minlength=k)
+
+
+def _is_excluded(samples: np.ndarray, excluded_sorted: np.ndarray) -> np.ndarray:
+    at = np.searchsorted(excluded_sorted, samples)
+    at[at == excluded_sorted.size] = 0
+    return excluded_sorted[at] == samples
+
+
+def _as_layout(layout) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        order, offsets = layout
+    except (TypeError, ValueError):
+        raise NDSError("layout must be the (order, offsets) pair from build_cluster_layout") from None
+    order = order if isinstance(order, np.ndarray) else np.asarray(order)
+    offsets = np.asarray(offsets)
+    if order.ndim != 1 or (order.size and not np.issubdtype(order.dtype, np.integer)):
+        raise NDSError(f"layout order must be a (N,) integer array, got {order.dtype} {order.shape}")
+    if offsets.ndim != 1 or offsets.size < 2 or not np.issubdtype(offsets.dtype, np.integer):
+        raise NDSError(f"layout offsets must be a (K+1,) integer array, got {offsets.dtype} {offsets.shape}")
+    offsets = offsets.astype(np.int64, copy=False)
+    if offsets[0] != 0 or offsets[-1] != order.size or (np.diff(offsets) < 0).any():
+        raise NDSError(
+            f"layout offsets must rise from 0 to N={order.size}: the layout files come from "
+            "different index versions (rebuild it with build_cluster_layout)"
+        )
+    return order, offsets
 
 
 # --------------------------------------------------------------------------- validation

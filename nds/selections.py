@@ -55,6 +55,9 @@ class SelectRequest(BaseModel):
     exclude: list[str] = Field(default_factory=list, description="sample_ids or sha256 content hashes to leave out.")
     out_name: str | None = Field(None, description="Folder name under the manifests root (default: the selection id).")
     method: Literal["es-keys", "two-stage"] = Field(selection.DEFAULT_SAMPLER, description="Sampler for the draw.")
+    presign_expiry_s: int | None = Field(
+        None, ge=1, le=7 * 24 * 3600,
+        description="Also write urls.csv: presigned GET URLs of the selected corpus objects (S3 DVC remote), valid this many seconds.")
 
     @model_validator(mode="after")
     def _one_scores_source(self):
@@ -177,6 +180,10 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
     table = manifest.build_manifest(index.catalog, picked, p, index.assignments)
     params = request.model_dump(exclude={"scores", "scores_path", "exclude"})
     params["n_exclude"] = len(request.exclude)
+    presigned = None
+    if request.presign_expiry_s:
+        # Before anything is written: a local corpus is refused here, not after the manifest exists.
+        presigned = presign_corpus_urls(ws, table, request.presign_expiry_s)
     summary = manifest.write_manifest(
         table,
         target,
@@ -191,13 +198,86 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
             "n_excluded": n_excluded,
             "expert_weights": [round(float(w), 6) for w in weights],
             "draw_seconds": round(draw_s, 4),
+            **({"presigned_urls": presigned["info"]} if presigned else {}),
         },
     )
+    if presigned:
+        write_urls(target, presigned["table"])
     summary["manifest_location"] = str(target)
+    store_uri = publish_manifest(target, selection_id)
+    if store_uri:
+        summary["local_manifest"] = str(target)
+        summary["manifest_location"] = store_uri
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     record_selection(ws, summary, scores=scores["scores"])
     log.info("selection %s: %d of %d eligible samples -> %s", selection_id, budget, n_eligible, target)
     return summary
+
+
+#: The sidecar file of a presigned selection: sample_id, rank, url (rank order). The URLs
+#: live beside the manifest, not in it, because they expire and carry signatures: the
+#: manifest (and its sha256) stays the same for the same inputs, presigned or not.
+URLS_NAME = "urls.csv"
+
+
+def presign_corpus_urls(ws: Workspace, table: pa.Table, expires_s: int) -> dict:
+    """Presigned GET URLs (`<url>#<row>`) of the selected samples' corpus objects.
+
+    The corpus objects are the per-domain arrays in the workspace's DVC remote, which must
+    be on S3 and hold the corpus (`dvc push`). Returns {"table": sample_id/rank/url, "info": ...}.
+    """
+    from nds import storage
+    from nds.export import parse_uri
+
+    parsed = [parse_uri(u) for u in table.column("uri").to_pylist()]
+    objects = {a: storage.dvc_object_uri(ws.root, f"data/{a}") for a in dict.fromkeys(a for a, _ in parsed)}
+    local = sorted(u for u in objects.values() if not u.startswith("s3://"))
+    if local:
+        raise NDSError(
+            f"the corpus is stored locally (DVC remote object {local[0]}): presigned URLs need the corpus on an "
+            "S3 DVC remote (`dvc remote add -d NAME s3://bucket/prefix` + `dvc push`); without --presign the "
+            "client downloads from this server's copy"
+        )
+    client = storage.s3_client()
+    urls = {a: storage.presign_s3_uri(u, expires_s, client=client, must_exist=True) for a, u in objects.items()}
+    expires_at = datetime.now(timezone.utc).timestamp() + expires_s
+    out = pa.table({
+        "sample_id": table.column("sample_id"),
+        "rank": table.column("rank"),
+        "url": pa.array([f"{urls[a]}#{row}" for a, row in parsed], pa.string()),
+    })
+    info = {"file": URLS_NAME, "expires_s": int(expires_s), "objects": len(urls),
+            "expires_at": datetime.fromtimestamp(expires_at, timezone.utc).isoformat(timespec="seconds")}
+    return {"table": out, "info": info}
+
+
+def write_urls(folder: Path, table: pa.Table) -> Path:
+    import pyarrow.csv as pacsv
+
+    final = Path(folder) / URLS_NAME
+    tmp = final.with_name(f".{URLS_NAME}.tmp-{os.getpid()}")
+    pacsv.write_csv(table, tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def publish_manifest(folder: Path, selection_id: str) -> str | None:
+    """Copy the manifest folder to `manifests/<selection_id>/` in $NDS_STORAGE_URL, if set.
+
+    summary.json goes last: a reader that finds it finds every file it names.
+    """
+    from nds import storage
+
+    if not storage.configured_storage_url():
+        return None
+    store = storage.open_storage()
+    prefix = f"manifests/{selection_id}"
+    for name in (manifest.PARQUET_NAME, manifest.CSV_NAME, URLS_NAME, manifest.SUMMARY_NAME):
+        if (Path(folder) / name).exists():
+            store.put_file(f"{prefix}/{name}", Path(folder) / name)
+    location = store.uri(prefix) + "/"
+    log.info("published manifest %s to %s", selection_id, location)
+    return location
 
 
 def _as_budget(value: float) -> int | float:

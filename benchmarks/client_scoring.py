@@ -1,0 +1,109 @@
+"""Client-side scoring: K experts on the client's images, on CPU (target: K=50, 1,000 images < 60 s).
+
+    .venv/bin/python benchmarks/client_scoring.py                        # K = 50, 1,000 images, 2 threads
+    .venv/bin/python benchmarks/client_scoring.py --k 3 --images 64 --modes rotation
+
+Builds a synthetic bundle of K untrained-but-valid experts (nds.experts.build_expert /
+save_expert / write_bundle) in a temp dir and times nds.scoring.score_experts per mode, with
+the images decoded once (a ClientData built in memory, as nds.client.load_client_images
+returns it). Baseline in the same run: the bare forward passes the mode needs (4 rotations
+for "rotation", one feature pass for "linear") over the same experts and images, so the
+ratio is the scorer's overhead (bundle verification, loading, probe fitting). Prints a
+markdown table and writes benchmarks/results/client_scoring.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nds import experts, scoring
+from nds.client import ClientData
+
+RESULTS = Path(__file__).resolve().parent / "results" / "client_scoring.json"
+TARGET_S = 60.0
+ARCH = "rotnet_small"
+
+
+def build_bundle(folder: Path, k: int) -> None:
+    entries = []
+    for i in range(k):
+        torch.manual_seed(i)
+        model = experts.build_expert(ARCH)
+        name = f"expert_{i:03d}.pt"
+        sha = experts.save_expert(model, folder / name, meta={"arch": ARCH, "expert": i})
+        entries.append({"expert": i, "file": name, "sha256": sha, "n_images": 0})
+    experts.write_bundle(folder, index_version="bench", arch=ARCH, experts=entries)
+
+
+def client_data(n: int, classes: int) -> ClientData:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = np.array([f"class{i % classes}" for i in range(n)])
+    return ClientData(images, labels, sorted(set(labels.tolist())), [f"mem#{i}" for i in range(n)])
+
+
+def raw_forward(folder: Path, data: ClientData, mode: str) -> float:
+    """Seconds for the forward passes alone: the floor any scorer of this mode pays."""
+    bundle = experts.load_bundle(folder, verify=False)
+    models = [experts.load_expert(folder / e["file"])[0] for e in bundle["experts"]]
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for m in models:
+            for s in range(0, len(data.images), scoring.BATCH_SIZE):
+                x = experts.preprocess(data.images[s : s + scoring.BATCH_SIZE])
+                if mode == "rotation":
+                    xr, _ = experts.rotate_batch(x)
+                    m(xr)
+                else:
+                    m.features(x)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--k", type=int, default=50)
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--modes", nargs="+", default=["rotation", "linear"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data = client_data(args.images, args.classes)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        build_bundle(folder, args.k)
+        for mode in args.modes:
+            t0 = time.perf_counter()
+            result = scoring.score_experts(folder, data, mode=mode, seed=0, progress=False)
+            ours = time.perf_counter() - t0
+            assert result.scores.shape == (args.k,) and np.isfinite(result.scores).all()
+            base = raw_forward(folder, data, mode)
+            rows.append({"mode": mode, "k": args.k, "images": args.images, "threads": args.threads,
+                         "seconds": ours, "raw_forward_seconds": base, "overhead_ratio": ours / base,
+                         "target_s": TARGET_S, "meets_target": ours < TARGET_S})
+            print(f"<!-- {mode}: {ours:.1f}s -->", flush=True)
+    print(f"\nscore_experts, K={args.k} experts, {args.images} images, {args.threads} threads "
+          f"(target < {TARGET_S:.0f} s)\n")
+    print("| figure | ours: score_experts (s) | baseline: raw forward (s) | ratio |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['mode']} K={r['k']} n={r['images']} | {r['seconds']:.1f} | {r['raw_forward_seconds']:.1f} | "
+              f"{r['overhead_ratio']:.2f}x |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"benchmark": "client_scoring", "python": platform.python_version(),
+                                    "torch": torch.__version__, "machine": platform.machine(), "rows": rows},
+                                   indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

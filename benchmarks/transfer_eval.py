@@ -1,0 +1,79 @@
+"""Transfer evaluation on the workspace's index: nds vs uniform vs all vs none.
+
+The run reported in benchmarks/results/transfer_eval/ (small index, 2-core CPU):
+
+    .venv/bin/python benchmarks/transfer_eval.py --root . --tasks digits clothing letters \
+        --budgets 0.02 0.05 0.1 0.2 --seeds 2 --pretrain-steps 150 --finetune-steps 80 --holdout-budget 0.1
+
+Writes results.parquet, summary.{parquet,csv,md}, fits.json, accuracy_vs_budget.png and
+benchmark.json (timings, and the log-linear fit made WITHOUT --holdout-budget against the
+accuracy measured there) under --out. Library calls only (no Prefect server, no warehouse rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+from nds import evaluation
+from nds.config import Workspace
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", default=".")
+    p.add_argument("--tasks", nargs="+", default=["digits", "clothing", "letters"])
+    p.add_argument("--budgets", nargs="+", type=float, default=[0.02, 0.05, 0.1, 0.2])
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--shots", type=int, default=10)
+    p.add_argument("--pretrain-steps", type=int, default=150)
+    p.add_argument("--finetune-steps", type=int, default=80)
+    p.add_argument("--finetune-mode", default="all", choices=["all", "last"])
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--holdout-budget", type=float, default=None, help="leave this budget out of the fit check")
+    p.add_argument("--out", default="benchmarks/results/transfer_eval")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    ws = Workspace.from_env(args.root)
+    config = evaluation.TrainConfig(pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
+                                    finetune_mode=args.finetune_mode)
+    t0 = time.perf_counter()
+    results = evaluation.evaluate(ws, args.tasks, args.budgets, seeds=list(range(args.seeds)), shots=args.shots,
+                                  config=config, temperature=args.temperature, progress=True)
+    seconds = time.perf_counter() - t0
+    rows = results.to_pylist()
+    n_source = next(r["budget"] for r in rows if r["strategy"] == "all") if any(r["strategy"] == "all" for r in rows) else None
+    check = {}
+    if args.holdout_budget is not None and n_source:
+        held = evaluation.resolve_budgets([args.holdout_budget], n_source)[0]
+        for task in args.tasks:
+            for strategy in evaluation.BUDGETED:
+                pts = [r for r in rows if r["task"] == task and r["strategy"] == strategy]
+                fit_pts = [r for r in pts if r["budget"] != held]
+                test_pts = [r["accuracy"] for r in pts if r["budget"] == held]
+                if len({r["budget"] for r in fit_pts}) < 2 or not test_pts:
+                    continue
+                fit = evaluation.fit_log_linear([r["budget"] for r in fit_pts], [r["accuracy"] for r in fit_pts])
+                pred = fit.predict(held)
+                se = math.sqrt(fit.se_a**2 + math.log(held) ** 2 * fit.se_b**2 + 2 * math.log(held) * fit.cov_ab)
+                check[f"{task}/{strategy}"] = {"budget": held, "predicted": round(pred, 4), "se": round(se, 4),
+                                               "measured": round(sum(test_pts) / len(test_pts), 4)}
+    meta = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "seconds": round(seconds, 1),
+            "config": config.model_dump(), "n_source": n_source, "holdout_check": check}
+    out = evaluation.write_outputs(results, Path(args.out), meta=meta)
+    Path(args.out, "benchmark.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(out["markdown"])
+    for k, v in check.items():
+        print(f"held-out budget {v['budget']} {k}: fit predicts {v['predicted']:.3f} ± {v['se']:.3f}, measured {v['measured']:.3f}")
+    print(f"{len(rows)} runs in {seconds:.0f}s -> {args.out} (plot {out['paths']['plot']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

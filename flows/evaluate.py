@@ -1,0 +1,67 @@
+"""Transfer evaluation: pre-train on each strategy's selection, fine-tune on a target, compare.
+
+Thin orchestration over `nds.evaluation`; its parameter is a pydantic model, so the Prefect
+UI shows a validated form.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+from nds import evaluation
+from nds.config import Workspace
+
+
+@task(name="run-transfer-evaluation")
+def run_evaluation(request: evaluation.EvaluateRequest, root: str | None, work_dir: str, progress: bool):
+    ws = Workspace.from_env(root)
+    return evaluation.evaluate(
+        ws, request.target_tasks(), request.budgets, strategies=request.strategies, seeds=request.seeds,
+        shots=request.shots, test_per_class=request.test_per_class, config=request.train,
+        temperature=request.temperature, work_dir=Path(work_dir), progress=progress,
+    )
+
+
+@task(name="write-evaluation-outputs")
+def write_outputs(results, out_dir: str, meta: dict) -> dict:
+    return evaluation.write_outputs(results, Path(out_dir), meta=meta)
+
+
+@task(name="record-evaluation")
+def record(results, root: str | None, evaluation_id: str, index_version: str, params: dict) -> int:
+    return evaluation.record_evaluation(Workspace.from_env(root), results, evaluation_id=evaluation_id,
+                                        index_version=index_version, params=params)
+
+
+@flow(name="evaluate")
+def evaluate(request: evaluation.EvaluateRequest, root: str | None = None, progress: bool = False) -> dict:
+    from nds.selections import load_current_index
+
+    ws = Workspace.from_env(root)
+    evaluation_id = evaluation.new_evaluation_id()
+    out_dir = Path(request.out_dir).resolve() if request.out_dir else ws.root / "evaluations" / evaluation_id
+    index = load_current_index(ws)
+    params = request.model_dump()
+    results = run_evaluation(request, str(ws.root), str(out_dir / "work"), progress)
+    meta = {"evaluation_id": evaluation_id, "index_version": index.version, "n_source": index.catalog.num_rows,
+            "request": params}
+    outputs = write_outputs(results, str(out_dir), meta)
+    n_rows = record(results, str(ws.root), evaluation_id, index.version, params)
+    create_markdown_artifact(
+        key="evaluation-table", markdown=f"# Transfer evaluation {evaluation_id}\n\n{outputs['markdown']}",
+        description=f"NDS transfer evaluation on index {index.version}",
+    )
+    create_markdown_artifact(
+        key="evaluation-plot",
+        markdown=f"![accuracy vs budget]({Path(outputs['paths']['plot']).as_uri()})\n\n"
+                 f"Plot: `{outputs['paths']['plot']}`",
+        description="accuracy vs pre-training budget (log x) per strategy",
+    )
+    return {
+        "evaluation_id": evaluation_id, "index_version": index.version, "n_source": index.catalog.num_rows,
+        "out_dir": str(out_dir), "paths": outputs["paths"], "rows": n_rows, "markdown": outputs["markdown"],
+        "fits": evaluation.fits_to_dict(outputs["fits"]),
+    }

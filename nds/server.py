@@ -1,0 +1,229 @@
+"""A team Prefect set-up on one machine: API server, `process` work pool, deployments, a worker.
+
+`nds server up` starts `prefect server start` (analytics off), waits for /api/health,
+creates the `nds-process` work pool, runs `prefect deploy` from the repository root
+(prefect.yaml) and starts a worker; the process ids go into a state file so that
+`nds server down` stops exactly those processes and nothing else.
+
+Everything goes through the `prefect` command line (the stable interface); this module
+does not import Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from nds.errors import NDSError
+
+log = logging.getLogger(__name__)
+
+WORK_POOL = "nds-process"
+STATE_NAME = "nds-server.json"
+#: A cold first start (database migrations) took ~16 s here; leave room on a busy machine.
+STARTUP_TIMEOUT_S = 120
+#: `prefect deploy` / `work-pool create` talk to the local API only.
+COMMAND_TIMEOUT_S = 180
+#: How long each stop signal gets before the next, stronger one.
+STOP_GRACE_S = 10
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("NDS_PREFECT_HOME") or Path.home() / ".nds" / "prefect")
+
+
+def api_url(host: str, port: int) -> str:
+    return f"http://{host}:{port}/api"
+
+
+def _prefect_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "prefect", *args]
+
+
+def server_env(home: Path, api: str | None, nds_root: Path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DVC_NO_ANALYTICS="1",
+        # prefect.yaml's pull step runs flows from this checkout.
+        NDS_ROOT=str(nds_root),
+    )
+    env.pop("PREFECT_API_URL", None)
+    if api:
+        env["PREFECT_API_URL"] = api
+    # Scripts of this interpreter (prefect, dvc, nds) win on PATH for the flow-run processes.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def wait_healthy(api: str, *, timeout_s: float, proc: subprocess.Popen | None = None, log_path: Path | None = None) -> float:
+    """Poll `<api>/health` until it answers 200; fails if `proc` exits first or time runs out."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return time.monotonic() - t0
+        except (urllib.error.URLError, OSError):
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise NDSError(f"prefect server exited with code {proc.returncode}: {_tail(log_path)}")
+        if time.monotonic() - t0 > timeout_s:
+            raise NDSError(f"prefect server at {api} not healthy after {timeout_s:.0f}s: {_tail(log_path)}")
+        time.sleep(0.5)
+
+
+def _tail(path: Path | None, lines: int = 5) -> str:
+    if path is None or not path.exists():
+        return "(no log)"
+    return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+
+
+def run_prefect(args: list[str], *, env: dict, cwd: Path, timeout_s: float = COMMAND_TIMEOUT_S) -> str:
+    try:
+        r = subprocess.run(_prefect_cmd(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise NDSError(f"`prefect {' '.join(args)}` took longer than {timeout_s:.0f}s") from exc
+    if r.returncode != 0:
+        tail = (r.stderr.strip() or r.stdout.strip()).splitlines()[-3:]
+        raise NDSError(f"`prefect {' '.join(args)}` failed: {' | '.join(tail)}")
+    return r.stdout
+
+
+def start_worker(*, env: dict, cwd: Path, log_path: Path, run_once: bool = False) -> subprocess.Popen:
+    args = ["worker", "start", "--pool", WORK_POOL] + (["--run-once"] if run_once else [])
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(_prefect_cmd(*args), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def server_up(
+    *,
+    repo_root: Path,
+    home: Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 4200,
+    deployments: list[str] | None = None,
+    worker: bool = True,
+    startup_timeout_s: float = STARTUP_TIMEOUT_S,
+) -> dict:
+    """Start server, work pool, deployments (all, or the named ones) and a worker; returns the state.
+
+    The state (pids, API URL, log files) is written to `<home>/nds-server.json`. On any
+    failure the processes started so far are stopped again.
+    """
+    home = Path(home or default_home()).resolve()
+    repo_root = Path(repo_root).resolve()
+    if not (repo_root / "prefect.yaml").exists():
+        raise NDSError(f"{repo_root} has no prefect.yaml: run from the repository root or pass --repo")
+    state_path = home / STATE_NAME
+    if state_path.exists() and any(_alive(p) for p in read_state(home).get("pids", {}).values()):
+        raise NDSError(f"a server from {state_path} is still running: `nds server down` first")
+    home.mkdir(parents=True, exist_ok=True)
+    api = api_url(host, port)
+    env = server_env(home, api, repo_root)
+    logs = {"server": home / "server.log", "worker": home / "worker.log"}
+    state = {"api_url": api, "ui_url": f"http://{host}:{port}", "home": str(home), "repo_root": str(repo_root),
+             "pids": {}, "logs": {k: str(v) for k, v in logs.items()}, "started_at": time.time()}
+    t0 = time.monotonic()
+    with open(logs["server"], "ab") as out:
+        server = subprocess.Popen(
+            _prefect_cmd("server", "start", "--host", host, "--port", str(port)),
+            cwd=home, env=server_env(home, None, repo_root), stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    state["pids"]["server"] = server.pid
+    _write_state(state_path, state)
+    try:
+        state["startup_seconds"] = round(wait_healthy(api, timeout_s=startup_timeout_s, proc=server,
+                                                      log_path=logs["server"]), 1)
+        run_prefect(["work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"], env=env, cwd=repo_root)
+        names = ["--all"] if deployments is None else [a for n in deployments for a in ("--name", n)]
+        run_prefect(["--no-prompt", "deploy", *names], env=env, cwd=repo_root)
+        state["deployments"] = deployments or "all"
+        if worker:
+            state["pids"]["worker"] = start_worker(env=env, cwd=repo_root, log_path=logs["worker"]).pid
+    except BaseException:
+        server_down(home)
+        raise
+    state["seconds"] = round(time.monotonic() - t0, 1)
+    _write_state(state_path, state)
+    log.info("prefect server at %s (pids %s), state in %s", state["ui_url"], state["pids"], state_path)
+    return state
+
+
+def read_state(home: Path | None = None) -> dict:
+    path = Path(home or default_home()) / STATE_NAME
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise NDSError(f"{path} is damaged ({exc}): stop the processes by hand and delete it") from exc
+
+
+def _write_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs and is still a prefect process (a recycled pid is left alone)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"prefect" in cmdline and not Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
+def _stop(pid: int, signals: list[tuple[int, float]]) -> str:
+    """Send each (signal, grace seconds) in turn until the process is gone."""
+    for sig, grace_s in signals:
+        if not _alive(pid):
+            return "stopped"
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return "stopped"
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            _reap(pid)
+            if not _alive(pid):
+                return "stopped"
+            time.sleep(0.2)
+    return "still running"
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # our own child (tests, or up/down in one process)
+    except ChildProcessError:
+        pass
+
+
+def server_down(home: Path | None = None, *, grace_s: float = STOP_GRACE_S) -> dict:
+    """Stop the processes recorded in the state file: worker first, then the server."""
+    home = Path(home or default_home())
+    state = read_state(home)
+    pids = state.get("pids", {})
+    result = {}
+    # A process worker ignores SIGTERM and the first SIGINT; the second SIGINT stops it.
+    if "worker" in pids:
+        result["worker"] = _stop(pids["worker"], [(signal.SIGINT, 2), (signal.SIGINT, grace_s), (signal.SIGKILL, 5)])
+    if "server" in pids:
+        result["server"] = _stop(pids["server"], [(signal.SIGTERM, grace_s), (signal.SIGKILL, 5)])
+    if all(v == "stopped" for v in result.values()):
+        (home / STATE_NAME).unlink(missing_ok=True)
+    else:
+        raise NDSError(f"could not stop {result}; see {home / STATE_NAME}")
+    return result
