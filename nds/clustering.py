@@ -27,6 +27,16 @@ def _prepare(features: np.ndarray, pca_dim: int, seed: int) -> np.ndarray:
     return x.astype(np.float32, copy=False)
 
 
+def _check_kmeans_input(features: np.ndarray, k: int) -> None:
+    n = len(features)
+    if k < 1:
+        raise NDSError(f"cluster.k must be >= 1, got {k}")
+    if k > n:
+        raise NDSError(f"cluster.k={k} exceeds the {n} source samples; lower cluster.k in params.yaml")
+    if not np.isfinite(features).all():
+        raise NDSError("features contain NaN/inf; rerun the extract stage")
+
+
 def assign_kmeans(features: np.ndarray, *, k: int, pca_dim: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """k-means on `features: (n, dim)`; returns `(assignments (n,) int32, centroids (k, d) float32)`.
 
@@ -35,16 +45,10 @@ def assign_kmeans(features: np.ndarray, *, k: int, pca_dim: int = 0, seed: int =
     """
     from sklearn.cluster import MiniBatchKMeans
 
-    n = len(features)
-    if k < 1:
-        raise NDSError(f"cluster.k must be >= 1, got {k}")
-    if k > n:
-        raise NDSError(f"cluster.k={k} exceeds the {n} source samples; lower cluster.k in params.yaml")
-    if not np.isfinite(features).all():
-        raise NDSError("features contain NaN/inf; rerun the extract stage")
+    _check_kmeans_input(features, k)
     x = _prepare(features, pca_dim, seed)
     km = MiniBatchKMeans(
-        n_clusters=k, random_state=seed, batch_size=min(KMEANS_BATCH, n), n_init=3, max_iter=200
+        n_clusters=k, random_state=seed, batch_size=min(KMEANS_BATCH, len(features)), n_init=3, max_iter=200
     ).fit(x)
     labels = km.predict(x)
     return _renumber(labels, km.cluster_centers_.astype(np.float32))
@@ -64,13 +68,7 @@ def assign_kmeans_faiss(features: np.ndarray, *, k: int, pca_dim: int = 0, seed:
     except ImportError as exc:  # pragma: no cover - install hint
         raise NDSError("cluster method kmeans-faiss needs `pip install faiss-cpu`") from exc
 
-    n = len(features)
-    if k < 1:
-        raise NDSError(f"cluster.k must be >= 1, got {k}")
-    if k > n:
-        raise NDSError(f"cluster.k={k} exceeds the {n} source samples; lower cluster.k in params.yaml")
-    if not np.isfinite(features).all():
-        raise NDSError("features contain NaN/inf; rerun the extract stage")
+    _check_kmeans_input(features, k)
     x = np.ascontiguousarray(_prepare(features, pca_dim, seed), dtype=np.float32)
     km = faiss.Kmeans(x.shape[1], k, niter=FAISS_NITER, nredo=1, seed=seed, verbose=False,
                       max_points_per_centroid=FAISS_MAX_POINTS_PER_CENTROID)

@@ -6,7 +6,9 @@ import logging
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -95,48 +97,61 @@ class _UrlImages:
         return out
 
 
+@contextmanager
+def image_folder_writer(out_dir: Path) -> Iterator[Callable[[np.ndarray, tuple[str, ...], str], None]]:
+    """Yield `write(image, folders, name)` saving PNGs under a temporary sibling of `out_dir`,
+    which becomes `out_dir` in one rename when the block succeeds (and is removed otherwise)."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise NDSError(f"{out_dir} is not empty: choose a new folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+    def write(image: np.ndarray, folders: tuple[str, ...], name: str) -> None:
+        folder = staging.joinpath(*(safe_name(f) for f in folders))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{safe_name(name)}.png")
+
+    try:
+        yield write
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def download_manifest(manifest_path: Path, out_dir: Path, *, ws: Workspace, progress: bool = True) -> dict:
     """Write every selected image as a PNG under `out_dir`; atomic (temp folder, then rename).
 
     Images come from presigned URLs when the manifest has them (`urls.csv`, from
     `nds select --presign`), otherwise from the workspace's corpus (`ws.data_dir`).
     """
-    from PIL import Image
     from tqdm import tqdm
 
     table = load_manifest(Path(manifest_path))
     urls = load_url_column(Path(manifest_path), table)
     remote = _UrlImages(urls) if urls is not None else None
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise NDSError(f"{out_dir} is not empty: choose a new folder for the download")
     parsed = [parse_uri(u) for u in table.column("uri").to_pylist()]
     arrays = [a for a, _ in parsed]
     rows = np.asarray([r for _, r in parsed], dtype=np.int64)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        datasets = table.column("dataset").to_pylist()
-        labels = table.column("label").to_pylist()
-        ids = table.column("sample_id").to_pylist()
-        chunk = 2048
-        with tqdm(total=len(ids), desc="download", unit="img", disable=not progress) as bar:
-            for s in range(0, len(ids), chunk):
-                if remote is not None:
-                    images = remote.load(s, s + chunk)
-                else:
-                    images = load_images(ws.data_dir, arrays[s : s + chunk], rows[s : s + chunk])
-                for i, img in enumerate(images, start=s):
-                    folder = staging / safe_name(datasets[i]) / safe_name(labels[i])
-                    folder.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(img).save(folder / f"{safe_name(ids[i])}.png")
-                bar.update(len(images))
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    datasets = table.column("dataset").to_pylist()
+    labels = table.column("label").to_pylist()
+    ids = table.column("sample_id").to_pylist()
+    chunk = 2048
+    with image_folder_writer(out_dir) as write, tqdm(
+        total=len(ids), desc="download", unit="img", disable=not progress
+    ) as bar:
+        for s in range(0, len(ids), chunk):
+            if remote is not None:
+                images = remote.load(s, s + chunk)
+            else:
+                images = load_images(ws.data_dir, arrays[s : s + chunk], rows[s : s + chunk])
+            for i, img in enumerate(images, start=s):
+                write(img, (datasets[i], labels[i]), ids[i])
+            bar.update(len(images))
     log.info("downloaded %d images to %s", len(ids), out_dir)
     return {"images": len(ids), "out_dir": str(out_dir), "datasets": sorted(set(datasets)),
             "source": "presigned URLs" if remote is not None else str(ws.data_dir)}

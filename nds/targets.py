@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,7 @@ import numpy as np
 from nds.config import Workspace
 from nds.corpus import load_catalog, load_images
 from nds.errors import NDSError
-from nds.export import safe_name
+from nds.export import image_folder_writer
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +18,6 @@ log = logging.getLogger(__name__)
 def export_holdout(ws: Workspace, dataset: str, out_dir: Path, *, per_class: int = 20, seed: int = 0,
                    max_classes: int | None = None) -> dict:
     """Write up to `per_class` held-out images per label of `dataset` as an ImageFolder of PNGs."""
-    from PIL import Image
-
     cat = load_catalog(ws.data_dir, split="holdout")
     ds = np.asarray(cat.column("dataset").to_pylist(), dtype=object)
     known = sorted(set(ds))
@@ -44,22 +40,9 @@ def export_holdout(ws: Workspace, dataset: str, out_dir: Path, *, per_class: int
     arrays = cat.column("array").take(chosen).to_pylist()
     rows = np.asarray(cat.column("row").take(chosen).to_pylist(), dtype=np.int64)
     images = load_images(ws.data_dir, arrays, rows)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise NDSError(f"{out_dir} is not empty: choose a new folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        ids = cat.column("sample_id").take(chosen).to_pylist()
-        labs = cat.column("label").take(chosen).to_pylist()
+    ids = cat.column("sample_id").take(chosen).to_pylist()
+    labs = cat.column("label").take(chosen).to_pylist()
+    with image_folder_writer(Path(out_dir)) as write:
         for img, sid, lab in zip(images, ids, labs):
-            folder = staging / safe_name(lab)
-            folder.mkdir(exist_ok=True)
-            Image.fromarray(img).save(folder / f"{safe_name(sid)}.png")
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            write(img, (lab,), sid)
     return {"dataset": dataset, "images": len(chosen), "classes": len(classes), "out_dir": str(out_dir)}

@@ -11,7 +11,6 @@ import logging
 import os
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 from typing import Iterator
 

@@ -1,10 +1,8 @@
 """End to end: the Prefect index flow on the tiny corpus, checked through what it stored."""
 
-import json
 
 import duckdb
 import numpy as np
-import pytest
 
 from nds import experts, pipeline
 from nds.corpus import load_catalog

@@ -1,4 +1,3 @@
-import duckdb
 import pyarrow as pa
 import pytest
 
@@ -71,7 +70,8 @@ def test_failed_load_leaves_previous_data_untouched(tmp_path):
 def test_locked_warehouse_is_a_clear_error(tmp_path):
     db = tmp_path / "w.duckdb"
     _load(db)
-    import subprocess, sys, time
+    import subprocess
+    import sys
 
     holder = subprocess.Popen(
         [sys.executable, "-c", f"import duckdb,time; c=duckdb.connect({str(db)!r}); print('ok', flush=True); time.sleep(30)"],
