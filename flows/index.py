@@ -13,7 +13,7 @@ from flows.compute_weights import compute_weights
 from flows.extract import extract
 from flows.train_experts import expert_task_runner, train_experts
 from nds import pipeline, storage, versioning
-from nds.report import index_summary_markdown
+from nds.report import index_summary_markdown, render_cluster_montage
 
 
 @task(name="dvc-commit")
@@ -42,6 +42,12 @@ def publish_bundle(root: str | None, index_version: str) -> str | None:
     ws, _ = workspace_and_params(root)
     return storage.publish_folder(storage.open_storage(), ws.stage_dir("experts"), f"experts/{index_version}",
                                   last="bundle.json")
+
+
+@task(name="cluster-montage")
+def cluster_montage(root: str | None) -> str:
+    ws, _ = workspace_and_params(root)
+    return render_cluster_montage(ws, ws.artifacts_dir / "reports" / "cluster_montage.png")["path"]
 
 
 @task(name="write-summary")
@@ -85,9 +91,16 @@ def index(root: str | None = None, progress: bool = False, push: bool = True) ->
         "dvc_remote": pushed_to,
         "bundle_uri": bundle_uri,
     }
+    summary["cluster_montage"] = cluster_montage(root)
     write_summary(root, summary)
     create_markdown_artifact(
         key="index-summary", markdown=index_summary_markdown(summary, cl), description="NDS index build"
+    )
+    create_markdown_artifact(
+        key="cluster-montage",
+        markdown=f"# What each expert covers\n\nOne row per expert, random members of its cluster: "
+        f"`{summary['cluster_montage']}`",
+        description="NDS cluster montage",
     )
     return summary
 

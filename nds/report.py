@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def index_summary_markdown(summary: dict, clusters: dict) -> str:
     acc = summary["rotation_accuracy"]
@@ -71,3 +73,45 @@ def selection_summary_markdown(summary: dict) -> str:
     for e, n in sorted(summary["counts_per_expert"].items(), key=lambda kv: -kv[1]):
         lines.append(f"| {e} | {n} | {weights[int(e)]:.3f} |")
     return "\n".join(lines)
+
+
+def render_cluster_montage(ws, out_path, *, per_expert: int = 12, seed: int = 0) -> dict:
+    """A PNG grid, one row per expert, of random members of its cluster (what each expert covers).
+
+    Rows are labelled by the expert id and its dominant domain. Written atomically.
+    """
+    import os
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from nds.corpus import load_images
+    from nds.export import parse_uri
+    from nds.pipeline import load_assignments, load_index_order
+
+    assignments = load_assignments(ws)
+    index = load_index_order(ws)
+    uris = index.column("uri").to_pylist()
+    datasets = np.asarray(index.column("dataset").to_pylist(), dtype=object)
+    rng = np.random.default_rng(seed)
+    k = int(assignments.max()) + 1
+    cell, label_w = 36, 130
+    canvas = Image.new("RGB", (label_w + per_expert * cell, k * cell), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c in range(k):
+        members = np.flatnonzero(assignments == c)
+        pick = np.sort(rng.choice(members, size=min(per_expert, len(members)), replace=False))
+        parsed = [parse_uri(uris[i]) for i in pick]
+        images = load_images(ws.data_dir, [a for a, _ in parsed], np.asarray([r for _, r in parsed]))
+        names, counts = np.unique(datasets[members].astype(str), return_counts=True)
+        top = names[counts.argmax()]
+        draw.text((4, c * cell + 4), f"expert {c}", fill="black")
+        draw.text((4, c * cell + 18), f"{top} {counts.max() / len(members):.0%}", fill="gray")
+        for j, img in enumerate(images):
+            canvas.paste(Image.fromarray(img), (label_w + j * cell + 2, c * cell + 2))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    canvas.save(tmp, format="PNG")
+    os.replace(tmp, out_path)
+    return {"path": str(out_path), "experts": k, "per_expert": per_expert}

@@ -76,3 +76,11 @@ def test_rerun_reuses_trained_experts(tiny_index):
     entry = pipeline.train_one_expert(ws, params, 0)
     assert entry["reused"] is True
     assert entry["sha256"] == experts.load_bundle(ws.stage_dir("experts"))["experts"][0]["sha256"]
+
+
+def test_cluster_montage_is_a_png_with_a_row_per_expert(tiny_index):
+    from PIL import Image
+
+    ws, summary = tiny_index
+    img = Image.open(summary["cluster_montage"])
+    assert img.format == "PNG" and img.height == 7 * 36
