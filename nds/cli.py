@@ -25,7 +25,7 @@ def _cmd_corpus_build(args) -> int:
     counts = info.get("counts", {})
     print(f"corpus {args.profile}: {info.get('total')} images in {time.perf_counter() - t0:.1f}s -> {ws.data_dir}")
     for ds, c in sorted(counts.items()):
-        print(f"  {ds:10s} {c}")
+        print(f"  {ds:10s} source {c.get('source', 0):6d}  holdout {c.get('holdout', 0):6d}")
     if md5:
         print(f"tracked by DVC as data.dvc (md5 {md5})")
     return 0
@@ -108,7 +108,11 @@ def _cmd_select(args) -> int:
 
     exclude = []
     if args.exclude_file:
-        exclude = [line.strip() for line in open(args.exclude_file) if line.strip() and not line.startswith("#")]
+        path = Path(args.exclude_file)
+        if not path.is_file():
+            raise NDSError(f"--exclude-file {path} does not exist: give a text file of sample_ids / sha256, one per line")
+        lines = path.read_text().splitlines()
+        exclude = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     try:
         request = SelectRequest(
             scores_path=str(args.scores), budget=args.budget, temperature=args.temperature, seed=args.seed,
