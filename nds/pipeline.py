@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nds import clustering, experts, features, warehouse, weights
+from nds import clustering, experts, features, selection, warehouse, weights
 from nds.config import Workspace
 from nds.corpus import iter_image_batches, load_catalog, load_images
 from nds.errors import NDSError
@@ -323,6 +323,8 @@ def run_compute_weights(ws: Workspace, params: Params, *, stage_seconds: dict | 
     }
     with stage_output(ws, "weights") as out:
         pq.write_table(weight_table, out / "weights.parquet")
+        # Members grouped by cluster: lets the clustered sampler draw in O(K + B), not O(N).
+        selection.save_cluster_layout(selection.build_cluster_layout(assignments, k), out / "layout")
         write_json(out / "weights.json", summary)
     warehouse.load_index_version(
         ws.warehouse_path,

@@ -54,7 +54,11 @@ class SelectRequest(BaseModel):
     datasets: list[str] | None = Field(None, description="Only select from these source domains.")
     exclude: list[str] = Field(default_factory=list, description="sample_ids or sha256 content hashes to leave out.")
     out_name: str | None = Field(None, description="Folder name under the manifests root (default: the selection id).")
-    method: Literal["es-keys", "two-stage"] = Field(selection.DEFAULT_SAMPLER, description="Sampler for the draw.")
+    method: Literal["es-keys", "two-stage", "clustered"] = Field(
+        selection.DEFAULT_SAMPLER,
+        description="Sampler for the draw: es-keys (exact, O(N)), two-stage or clustered (same law, "
+        "O(K + B) with the index's cluster layout; for very large indexes).",
+    )
     presign_expiry_s: int | None = Field(
         None, ge=1, le=7 * 24 * 3600,
         description="Also write urls.csv: presigned GET URLs of the selected corpus objects (S3 DVC remote), valid this many seconds.")
@@ -75,6 +79,7 @@ class Index:
     k: int
     catalog: pa.Table  # sample_id, dataset, uri, label, sha256
     assignments: np.ndarray  # (n,) int32
+    layout: tuple[np.ndarray, np.ndarray] | None = None  # (order, offsets) for the clustered sampler
 
 
 def load_current_index(ws: Workspace) -> Index:
@@ -88,12 +93,18 @@ def load_current_index(ws: Workspace) -> Index:
     catalog = pq.read_table(ipath, columns=["sample_id", "dataset", "uri", "label", "sha256"])
     if w.column("sample_id") != catalog.column("sample_id"):
         raise NDSError("weights and index order disagree: rerun `nds index` (or `dvc repro`)")
+    layout_dir = ws.stage_dir("weights") / "layout"
+    layout = selection.load_cluster_layout(layout_dir) if layout_dir.exists() else None
+    k = int(bundle["k"])
+    if layout is not None and (len(layout[1]) != k + 1 or int(layout[1][-1]) != catalog.num_rows):
+        raise NDSError(f"{layout_dir} does not match the index ({k} experts, {catalog.num_rows} samples): rerun compute_weights")
     return Index(
         version=bundle["index_version"],
         bundle_sha256=bundle["bundle_sha256"],
-        k=int(bundle["k"]),
+        k=k,
         catalog=catalog,
         assignments=w.column("expert").to_numpy().astype(np.int32),
+        layout=layout,
     )
 
 
@@ -174,8 +185,17 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
     if budget > int((p > 0).sum()):
         raise NDSError(f"budget {budget} exceeds the {int((p > 0).sum())} samples with non-zero probability: lower it")
     t_draw = time.perf_counter()
-    picked = selection.select_samples(p, budget, seed=request.seed, method=request.method,
-                                      assignments=index.assignments)
+    if request.method == "clustered":
+        if index.layout is None:
+            raise NDSError("this index has no cluster layout (built before it existed): rerun compute_weights "
+                           "(`nds stage compute_weights`) or use method es-keys")
+        picked = selection.select_samples_clustered(
+            index.layout, weights, budget, seed=request.seed,
+            excluded=None if mask.all() else np.flatnonzero(~mask), assignments=index.assignments,
+        )
+    else:
+        picked = selection.select_samples(p, budget, seed=request.seed, method=request.method,
+                                          assignments=index.assignments)
     draw_s = time.perf_counter() - t_draw
     table = manifest.build_manifest(index.catalog, picked, p, index.assignments)
     params = request.model_dump(exclude={"scores", "scores_path", "exclude"})

@@ -192,3 +192,17 @@ def test_cli_client_walkthrough(tiny_index, tmp_path, capsys):
     capsys.readouterr()
     assert nds_main(root + ["status"]) == 0
     assert "clusters of the current version" in capsys.readouterr().out
+
+
+def test_clustered_sampler_through_the_flow_respects_exclusions(tiny_index, client_scores, tmp_path):
+    """The O(K + B) path the scale benchmark measures is the one the selection flow runs."""
+    ws, _ = tiny_index
+    cat = load_catalog(ws.data_dir)
+    excluded = cat.column("sample_id").to_pylist()[:100]
+    request = _request(client_scores, method="clustered", exclude=excluded, budget=300)
+    summary = selections.run_selection(ws, request, out_dir=tmp_path / "sel")
+    picked = pq.read_table(tmp_path / "sel" / "manifest.parquet").column("sample_id").to_pylist()
+    assert summary["rows"] == 300 and len(set(picked)) == 300
+    assert not set(picked) & set(excluded)
+    again = selections.run_selection(ws, request, out_dir=tmp_path / "again")
+    assert again["manifest_sha256"] == summary["manifest_sha256"]
