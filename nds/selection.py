@@ -138,15 +138,8 @@ def compute_sample_probabilities(
         if mask.dtype != np.bool_ or mask.shape != a.shape:
             raise NDSError(f"eligible must be a ({a.size},) bool mask, got {mask.dtype} {mask.shape}")
         n_eligible = np.bincount(a[mask], minlength=k)
-    per_member = np.divide(w, sizes, out=np.zeros(k), where=sizes > 0)
     # Normalise per cluster (K values) rather than per sample, so members stay identical.
-    total = float(per_member @ n_eligible)
-    if not total > 0:
-        raise NDSError(
-            "no eligible sample has positive probability: every eligible sample sits in a cluster "
-            "whose expert weight is 0 (raise the temperature or loosen the dataset filter)"
-        )
-    p = (per_member / total)[a]
+    p = compute_member_probabilities(w, sizes, n_eligible)[a]
     if eligible is not None:
         p[~mask] = 0.0
     return p
