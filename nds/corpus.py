@@ -243,7 +243,7 @@ def build_corpus(workspace: Workspace, profile: str = "small", *, progress: bool
         records, dropped = _drop_duplicates(records)
         table = _write(records, tmp)
         summary = _summary(profile, table, seconds, dropped, sources_dir, time.perf_counter() - started)
-        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / SUMMARY_FILE).write_text(json.dumps(_content_facts(summary), indent=2) + "\n")
         _replace_dir(tmp, data_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -270,6 +270,14 @@ def _summary(profile: str, table: pa.Table, seconds: dict, dropped: dict, source
         "build_seconds": {**seconds, "total": round(total_s, 2)},
         "sources": {d: SOURCES[d].describe(sources_dir) for d in DATASETS},
     }
+
+
+def _content_facts(summary: dict) -> dict:
+    """What corpus.json keeps: facts about the content only, so the same packages give the
+    same bytes (and the same DVC hash) on any machine. Timings and local paths stay in logs."""
+    facts = {k: v for k, v in summary.items() if k != "build_seconds"}
+    facts["sources"] = {d: {k: v for k, v in info.items() if k != "path"} for d, info in summary["sources"].items()}
+    return facts
 
 
 # --- readers --------------------------------------------------------------------------------
