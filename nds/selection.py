@@ -422,6 +422,19 @@ SAMPLERS: dict[str, Sampler] = {
 DEFAULT_SAMPLER = "es-keys"
 
 
+def _check_budget(budget, n_positive: int) -> None:
+    """A draw's budget: an int count between 1 and the samples with p > 0."""
+    if isinstance(budget, bool) or not isinstance(budget, Integral):
+        raise NDSError(f"budget must be an int count here, got {budget!r} (use resolve_budget for fractions)")
+    if budget < 1:
+        raise NDSError(f"budget must be >= 1, got {budget}")
+    if budget > n_positive:
+        raise NDSError(
+            f"budget {budget} exceeds the {n_positive} eligible samples (p > 0): "
+            "lower the budget or loosen the filters"
+        )
+
+
 def select_samples(
     probabilities,
     budget: int,
@@ -443,16 +456,8 @@ def select_samples(
     p = _as_probabilities(probabilities)
     if method not in SAMPLERS:
         raise NDSError(f"unknown selection method {method!r}: choose one of {sorted(SAMPLERS)}")
-    if isinstance(budget, bool) or not isinstance(budget, Integral):
-        raise NDSError(f"budget must be an int count here, got {budget!r} (use resolve_budget for fractions)")
     n_positive = int(np.count_nonzero(p))
-    if budget < 1:
-        raise NDSError(f"budget must be >= 1, got {budget}")
-    if budget > n_positive:
-        raise NDSError(
-            f"budget {budget} exceeds the {n_positive} eligible samples (p > 0): "
-            "lower the budget or loosen the filters"
-        )
+    _check_budget(budget, n_positive)
     if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
         raise NDSError(f"seed must be a non-negative int, got {seed!r}")
     rng = np.random.default_rng(int(seed))
@@ -628,20 +633,12 @@ def select_samples_clustered(
         )
     if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
         raise NDSError(f"seed must be a non-negative int, got {seed!r}")
-    if isinstance(budget, bool) or not isinstance(budget, Integral):
-        raise NDSError(f"budget must be an int count here, got {budget!r} (use resolve_budget for fractions)")
     excluded_sorted, excluded_counts = _excluded_by_cluster(excluded, assignments, order.size, k)
     eligible_counts = sizes - excluded_counts
     q = compute_member_probabilities(w, sizes, eligible_counts)
     n_c = np.where(q > 0, eligible_counts, 0)
     n_positive = int(n_c.sum())
-    if budget < 1:
-        raise NDSError(f"budget must be >= 1, got {budget}")
-    if budget > n_positive:
-        raise NDSError(
-            f"budget {budget} exceeds the {n_positive} eligible samples (p > 0): "
-            "lower the budget or loosen the filters"
-        )
+    _check_budget(budget, n_positive)
     rng = np.random.default_rng(int(seed))
     budget = int(budget)
     ranked_cluster = _ranked_clusters(n_c, q, budget, rng=rng)
