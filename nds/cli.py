@@ -31,6 +31,22 @@ def _cmd_corpus_build(args) -> int:
     return 0
 
 
+def _cmd_corpus_publish(args) -> int:
+    from nds import corpus, versioning
+
+    ws = Workspace.from_env(args.root)
+    t0 = time.perf_counter()
+    info = corpus.publish_corpus(ws, args.url, keep_local=not args.drop_local, progress=not args.quiet)
+    md5 = None if args.no_dvc else versioning.track_corpus(ws)
+    print(f"corpus published: {info['rows']} catalog rows now point at {len(info['objects'])} objects under "
+          f"{info['store']} ({time.perf_counter() - t0:.1f}s)")
+    if info["local_removed"]:
+        print(f"removed {info['local_removed']} local arrays: readers fetch them from S3 into {corpus.corpus_cache_dir(ws.data_dir)}")
+    if md5:
+        print(f"tracked by DVC as data.dvc (md5 {md5})")
+    return 0
+
+
 def _cmd_corpus_holdout(args) -> int:
     from nds.targets import export_holdout
 
@@ -255,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--profile", default="small", choices=sorted(PROFILES))
     build.add_argument("--no-dvc", action="store_true", help="do not `dvc add data`")
     build.set_defaults(func=_cmd_corpus_build)
+    pub = csub.add_parser("publish", help="upload the corpus images to S3 and point the catalog uris at them")
+    pub.add_argument("url", help="s3://bucket/prefix (endpoint: $NDS_S3_ENDPOINT_URL; credentials: the environment)")
+    pub.add_argument("--drop-local", action="store_true", help="delete the local arrays afterwards (S3 only)")
+    pub.add_argument("--no-dvc", action="store_true", help="do not `dvc add data`")
+    pub.set_defaults(func=_cmd_corpus_publish)
     hold = csub.add_parser("holdout", help="write held-out images of one domain as a client task (ImageFolder)")
     hold.add_argument("--dataset", required=True)
     hold.add_argument("--per-class", type=int, default=20)

@@ -5,7 +5,11 @@ Layout of ``data/`` (other stages rely on it):
 - ``images/<dataset>.npy``: ``(n, IMAGE_SIZE, IMAGE_SIZE, 3) uint8``, rows in catalog order.
 - ``catalog.parquet``: one row per image, sorted by (dataset, sample_id), columns
   ``CATALOG_COLUMNS``; ``uri`` is ``data/images/<dataset>.npy#<row>`` (relative to the
-  workspace root), ``array``/``row`` the same place relative to ``data/``.
+  workspace root), ``array``/``row`` the same place relative to ``data/``. After
+  ``publish_corpus`` (``nds corpus publish s3://bucket/prefix``) ``uri`` is
+  ``s3://bucket/prefix/images/<dataset>.npy#<row>`` and ``array`` the object's ``s3://`` URI:
+  the images then live in S3 and readers fetch each object once into a local cache
+  (``<workspace>/.cache/corpus``, or ``$NDS_CORPUS_CACHE``).
 - ``corpus.json``: profile, counts per dataset and split, build seconds, duplicates
   dropped and the packages the images came from.
 
@@ -303,8 +307,47 @@ def _open_array(path: str, inode: int, mtime_ns: int) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
+CACHE_ENV = "NDS_CORPUS_CACHE"
+
+
+def corpus_cache_dir(data_dir: Path) -> Path:
+    """Where corpus objects that live in S3 are cached (one download per object)."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).resolve() if env else Path(data_dir).resolve().parent / ".cache" / "corpus"
+
+
+def split_uri(uri: str) -> tuple[str, int]:
+    """A catalog ``uri`` -> (``array``, row) for ``load_images``.
+
+    ``data/images/mnist.npy#12`` -> ("images/mnist.npy", 12) (relative to the corpus folder);
+    ``s3://bucket/prefix/images/mnist.npy#12`` -> ("s3://bucket/prefix/images/mnist.npy", 12).
+    """
+    path, sep, row = uri.rpartition("#")
+    if not sep or not row.isdigit() or not (path.startswith("data/") or path.startswith("s3://")):
+        raise NDSError(f"unsupported sample uri {uri!r}: expected data/images/<dataset>.npy#<row> "
+                       "or s3://bucket/prefix/images/<dataset>.npy#<row>")
+    return (path if path.startswith("s3://") else path.removeprefix("data/")), int(row)
+
+
+def _cached_object(data_dir: Path, uri: str) -> Path:
+    """The local copy of the corpus object ``s3://bucket/key`` (downloaded on first use)."""
+    from urllib.parse import urlparse
+
+    from nds import storage
+
+    parsed = urlparse(uri)
+    key = parsed.path.lstrip("/")
+    path = corpus_cache_dir(data_dir) / parsed.netloc / key
+    if ".." in Path(key).parts or not key:
+        raise NDSError(f"corpus object {uri!r} has an unsafe key: fix the catalog (`nds corpus publish`)")
+    if not path.exists():
+        log.info("fetching corpus object %s -> %s", uri, path)
+        storage.fetch_object(uri, path)
+    return path
+
+
 def _array(data_dir: Path, array: str) -> np.ndarray:
-    path = Path(data_dir) / array
+    path = _cached_object(data_dir, array) if array.startswith("s3://") else Path(data_dir) / array
     try:
         stat = path.stat()
     except FileNotFoundError:
@@ -342,3 +385,54 @@ def iter_image_batches(data_dir: Path, catalog: pa.Table, batch_size: int) -> It
     for start in range(0, catalog.num_rows, batch_size):
         part = catalog.slice(start, batch_size)
         yield load_images(data_dir, part.column("array").to_pylist(), np.asarray(part.column("row").to_pylist()))
+
+
+def publish_corpus(workspace: Workspace, url: str, *, keep_local: bool = True, progress: bool = True) -> dict:
+    """Upload the corpus arrays to ``url`` (``s3://bucket/prefix``) and point the catalog at them.
+
+    Each ``images/<dataset>.npy`` becomes ``<url>/images/<dataset>.npy``; the catalog's ``uri``
+    and ``array`` columns are rewritten to those ``s3://`` objects (the new catalog replaces
+    the old one by rename, after every upload succeeded). ``keep_local=False`` then deletes
+    the local arrays: the images live in S3 only and readers fetch them into the cache.
+    Publishing twice to the same place is a no-op.
+    """
+    from urllib.parse import urlparse
+
+    from nds import storage
+
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise NDSError(f"corpus store {url!r} must be an S3 location: s3://bucket/prefix")
+    data_dir = workspace.data_dir
+    catalog = load_catalog(data_dir, split=None)
+    arrays = list(dict.fromkeys(catalog.column("array").to_pylist()))
+    store = storage.S3Storage(parsed.netloc, parsed.path.strip("/"))
+    mapping: dict[str, str] = {}
+    for name in arrays:
+        if name.startswith("s3://"):
+            mapping[name] = name  # already published
+            continue
+        local = data_dir / name
+        if not local.is_file():
+            raise NDSError(f"corpus array {local} is missing: rebuild the corpus (`nds corpus build`) before publishing")
+        mapping[name] = store.put_file(name, local)
+        if progress:
+            log.info("published %s -> %s", local, mapping[name])
+    uris = [f"{mapping[a]}#{r}" for a, r in zip(catalog.column("array").to_pylist(), catalog.column("row").to_pylist())]
+    table = catalog.set_column(catalog.schema.get_field_index("uri"), "uri", pa.array(uris, pa.string()))
+    table = table.set_column(table.schema.get_field_index("array"), "array",
+                             pa.array([mapping[a] for a in catalog.column("array").to_pylist()], pa.string()))
+    tmp = data_dir / f".{CATALOG_FILE}.tmp-{os.getpid()}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, data_dir / CATALOG_FILE)
+    removed = 0
+    if not keep_local:
+        for name in arrays:
+            if not name.startswith("s3://") and (data_dir / name).exists():
+                (data_dir / name).unlink()
+                removed += 1
+        images_dir = data_dir / IMAGES_DIR
+        if images_dir.is_dir() and not any(images_dir.iterdir()):
+            images_dir.rmdir()
+    return {"objects": sorted(set(mapping.values())), "rows": table.num_rows, "local_removed": removed,
+            "store": url.rstrip("/")}

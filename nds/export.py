@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from nds.config import Workspace
-from nds.corpus import load_images
+from nds.corpus import load_images, split_uri
 from nds.errors import NDSError
 from nds.manifest import load_manifest
 
@@ -33,11 +33,8 @@ def safe_name(text: str) -> str:
 
 
 def parse_uri(uri: str) -> tuple[str, int]:
-    """`data/images/mnist.npy#12` -> ("images/mnist.npy", 12), relative to the corpus folder."""
-    path, sep, row = uri.rpartition("#")
-    if not sep or not row.isdigit() or not path.startswith("data/"):
-        raise NDSError(f"unsupported sample uri {uri!r}: expected data/images/<dataset>.npy#<row>")
-    return path.removeprefix("data/"), int(row)
+    """A catalog uri -> (array, row) for load_images (see ``nds.corpus.split_uri``)."""
+    return split_uri(uri)
 
 
 def load_url_column(manifest_path: Path, table) -> list[str] | None:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from nds import clustering, experts, features, selection, warehouse, weights
 from nds.config import Workspace
-from nds.corpus import iter_image_batches, load_catalog, load_images
+from nds.corpus import iter_image_batches, load_catalog, load_images, split_uri
 from nds.errors import NDSError
 from nds.params import Params, load_params
 
@@ -205,13 +205,9 @@ def train_one_expert(ws: Workspace, params: Params, k: int) -> dict:
 
 
 def _arrays_rows(uris: list[str]) -> tuple[list[str], np.ndarray]:
-    """`data/images/x.npy#12` -> ("images/x.npy", 12) for load_images."""
-    arrays, rows = [], []
-    for u in uris:
-        path, _, row = u.rpartition("#")
-        arrays.append(path.removeprefix("data/"))
-        rows.append(int(row))
-    return arrays, np.asarray(rows, dtype=np.int64)
+    """Catalog uris -> (arrays, rows) for load_images (``nds.corpus.split_uri``)."""
+    parsed = [split_uri(u) for u in uris]
+    return [a for a, _ in parsed], np.asarray([r for _, r in parsed], dtype=np.int64)
 
 
 def compute_index_version(ws: Workspace, entries: list[dict]) -> str:

@@ -243,14 +243,18 @@ URLS_NAME = "urls.csv"
 def presign_corpus_urls(ws: Workspace, table: pa.Table, expires_s: int) -> dict:
     """Presigned GET URLs (`<url>#<row>`) of the selected samples' corpus objects.
 
-    The corpus objects are the per-domain arrays in the workspace's DVC remote, which must
-    be on S3 and hold the corpus (`dvc push`). Returns {"table": sample_id/rank/url, "info": ...}.
+    The corpus objects are the per-domain arrays: ``s3://`` objects named by the catalog
+    (`nds corpus publish`), or else the workspace's DVC remote, which must then be on S3 and
+    hold the corpus (`dvc push`). Returns {"table": sample_id/rank/url, "info": ...}.
     """
     from nds import storage
     from nds.export import parse_uri
 
     parsed = [parse_uri(u) for u in table.column("uri").to_pylist()]
-    objects = {a: storage.dvc_object_uri(ws.root, f"data/{a}") for a in dict.fromkeys(a for a, _ in parsed)}
+    # A corpus published to S3 (`nds corpus publish`) names its objects; otherwise ask DVC
+    # where its remote keeps the workspace's arrays.
+    objects = {a: a if a.startswith("s3://") else storage.dvc_object_uri(ws.root, f"data/{a}")
+               for a in dict.fromkeys(a for a, _ in parsed)}
     local = sorted(u for u in objects.values() if not u.startswith("s3://"))
     if local:
         raise NDSError(

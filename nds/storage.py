@@ -269,6 +269,24 @@ def publish_folder(store: "Storage", folder: Path, prefix: str, *, last: str | N
     return store.uri(prefix)
 
 
+def fetch_object(uri: str, dest: Path) -> Path:
+    """Download ``s3://bucket/key`` to `dest` atomically (temp file, then rename); bounded retries."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise NDSError(f"{uri} is not an s3:// object URI")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    os.close(fd)
+    try:
+        S3Storage(parsed.netloc, "").get_file(parsed.path.lstrip("/"), Path(tmp))
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
 def presign_s3_uri(uri: str, expires_s: int, *, client=None, must_exist: bool = False) -> str:
     """A presigned GET URL for ``s3://bucket/key``, valid `expires_s` seconds.
 
