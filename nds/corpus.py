@@ -295,6 +295,16 @@ def load_catalog(data_dir: Path, *, split: str | None = SOURCE) -> pa.Table:
     if not path.exists():
         raise NDSError(f"no corpus catalog at {path}; run `nds corpus build --profile small`")
     table = pq.read_table(path)
+    ids = table.column("sample_id")
+    if pc.count_distinct(ids).as_py() != table.num_rows:
+        # Selections, manifests and the warehouse's primary keys name samples by id alone:
+        # refuse here, before hours of indexing end in a constraint error or a doubled sample.
+        counts = pc.value_counts(ids)
+        dup = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+        raise NDSError(
+            f"{path} has {len(dup)} duplicate sample_id(s) (e.g. {dup[0].as_py()!r}); sample ids must be "
+            "unique: rebuild the corpus (`nds corpus build`)"
+        )
     if split is not None:
         table = table.filter(pc.equal(table.column("split"), split))
     return table
