@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from nds.errors import NDSError
 
@@ -44,11 +44,39 @@ class ComputeWeightsParams(_Section):
     scheme: Literal["inverse_cluster_size"] = "inverse_cluster_size"
 
 
+class ScheduleParams(_Section):
+    """When the `index` deployment runs (`nds server up` deploys it with these values)."""
+
+    index_cron: str = "0 3 * * 0"
+    timezone: str = "UTC"
+    active: bool = False
+
+    @field_validator("index_cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"{value!r} is not a 5-field cron expression (minute hour day month weekday), "
+                             "e.g. '0 3 * * 0'")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}: use an IANA name such as 'UTC' or 'Europe/Berlin'") from None
+        return value
+
+
 class Params(_Section):
     extract: ExtractParams = ExtractParams()
     cluster: ClusterParams = ClusterParams()
     train_experts: TrainExpertsParams = TrainExpertsParams()
     compute_weights: ComputeWeightsParams = ComputeWeightsParams()
+    schedule: ScheduleParams = ScheduleParams()
 
 
 def load_params(path: Path) -> Params:

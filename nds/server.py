@@ -57,12 +57,22 @@ def server_env(home: Path, api: str | None, nds_root: Path) -> dict:
         # prefect.yaml's pull step runs flows from this checkout.
         NDS_ROOT=str(nds_root),
     )
+    env.update(schedule_env(nds_root))
     env.pop("PREFECT_API_URL", None)
     if api:
         env["PREFECT_API_URL"] = api
     # Scripts of this interpreter (prefect, dvc, nds) win on PATH for the flow-run processes.
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env
+
+
+def schedule_env(root: Path) -> dict[str, str]:
+    """The `index` deployment's schedule (prefect.yaml templates it) from `<root>/params.yaml`."""
+    from nds.params import load_params
+
+    sched = load_params(Path(root) / "params.yaml").schedule
+    return {"NDS_INDEX_CRON": sched.index_cron, "NDS_INDEX_TIMEZONE": sched.timezone,
+            "NDS_INDEX_SCHEDULE_ACTIVE": "true" if sched.active else "false"}
 
 
 def wait_healthy(api: str, *, timeout_s: float, proc: subprocess.Popen | None = None, log_path: Path | None = None) -> float:

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from nds.config import Workspace
 from nds.errors import NDSError
@@ -28,3 +29,16 @@ def test_unknown_key_is_refused(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(NDSError, match="not found"):
         load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("section, match", [
+    ({"index_cron": "every sunday"}, "schedule.index_cron.*5-field cron"),
+    ({"index_cron": "0 3 * *"}, "schedule.index_cron"),
+    ({"timezone": "Mars/Olympus"}, "schedule.timezone.*unknown time zone"),
+    ({"active": "sometimes"}, "schedule.active"),
+])
+def test_bad_schedule_is_refused(tmp_path, section, match):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"schedule": section}))
+    with pytest.raises(NDSError, match=match):
+        load_params(path)

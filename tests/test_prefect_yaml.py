@@ -19,7 +19,15 @@ def test_every_entrypoint_imports():
         assert isinstance(getattr(module, func), Flow), dep["name"]
 
 
-def test_index_schedule_ships_inactive():
+def test_index_schedule_comes_from_params_and_ships_inactive():
+    from nds.params import load_params
+    from nds.server import schedule_env
+
     doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
     index = next(d for d in doc["deployments"] if d["name"] == "index")
-    assert all(s.get("active") is False for s in index["schedules"])
+    assert index["schedules"] == [{"cron": "{{ $NDS_INDEX_CRON }}", "timezone": "{{ $NDS_INDEX_TIMEZONE }}",
+                                   "active": "{{ $NDS_INDEX_SCHEDULE_ACTIVE }}"}]
+    sched = load_params(REPO / "params.yaml").schedule
+    assert sched.active is False
+    assert schedule_env(REPO) == {"NDS_INDEX_CRON": sched.index_cron, "NDS_INDEX_TIMEZONE": sched.timezone,
+                                  "NDS_INDEX_SCHEDULE_ACTIVE": "false"}

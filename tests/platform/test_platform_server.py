@@ -1,4 +1,5 @@
-"""A real Prefect server on loopback: deploy `select`, trigger it through the API, a worker runs it."""
+"""A real Prefect server on loopback: `nds server up` deploys every prefect.yaml deployment (the
+`index` schedule from params.yaml), `select` is triggered through the API, a worker runs it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from nds import experts, server, warehouse
 from nds.client import write_scores
 from nds.cli import main as nds_main
+from nds.params import load_params
 
 from conftest import REPO
 
@@ -36,11 +38,23 @@ def test_server_up_deploy_run_select_down(tiny_index, tmp_path):
     port = _free_port()
     t0 = time.monotonic()
     assert nds_main(["server", "up", "--repo", str(REPO), "--home", str(home), "--port", str(port),
-                     "--deployment", "select", "--no-worker"]) == 0
+                     "--no-worker"]) == 0
     state = server.read_state(home)
     try:
         assert state["api_url"] == f"http://127.0.0.1:{port}/api"
         with temporary_settings({PREFECT_API_URL: state["api_url"]}):
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                deployments = {d.name: d for d in client.read_deployments()}
+            assert sorted(deployments) == ["evaluate", "index", "select"]
+            assert {deployments[n].work_pool_name for n in deployments} == {server.WORK_POOL}
+            sched = load_params(REPO / "params.yaml").schedule
+            (index_schedule,) = deployments["index"].schedules
+            assert index_schedule.schedule.cron == sched.index_cron
+            assert index_schedule.schedule.timezone == sched.timezone
+            assert index_schedule.active is sched.active is False, "the demo's index schedule ships inactive"
+            assert not deployments["select"].schedules and not deployments["evaluate"].schedules
             run = run_deployment(
                 "select/select",
                 parameters={"request": {"scores_path": str(scores), "budget": 25, "seed": 2},
@@ -54,8 +68,6 @@ def test_server_up_deploy_run_select_down(tiny_index, tmp_path):
             except subprocess.TimeoutExpired:
                 worker.kill()
                 pytest.fail(f"worker did not finish: {(home / 'worker.log').read_text()[-2000:]}")
-            from prefect.client.orchestration import get_client
-
             with get_client(sync_client=True) as client:
                 final = client.read_flow_run(run.id)
         assert final.state.type == StateType.COMPLETED, (home / "worker.log").read_text()[-3000:]
