@@ -7,6 +7,7 @@ import re
 import shutil
 import tempfile
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -51,7 +52,41 @@ def load_url_column(manifest_path: Path, table) -> list[str] | None:
     missing = [s for s in table.column("sample_id").to_pylist() if s not in by_id]
     if missing:
         raise NDSError(f"{urls_file} has no url for {len(missing)} manifest rows (e.g. {missing[0]}): select again")
-    return [by_id[s] for s in table.column("sample_id").to_pylist()]
+    urls = [by_id[s] for s in table.column("sample_id").to_pylist()]
+    check_not_expired(urls, urls_file)
+    return urls
+
+
+def presigned_expiry(url: str) -> datetime | None:
+    """When a presigned S3 URL stops working (SigV4 X-Amz-Date + X-Amz-Expires, or SigV2 Expires)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    query = {k.lower(): v[0] for k, v in parse_qs(urlsplit(url.partition("#")[0]).query).items()}
+    try:
+        if "x-amz-date" in query and "x-amz-expires" in query:
+            signed = datetime.strptime(query["x-amz-date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+            return signed + timedelta(seconds=int(query["x-amz-expires"]))
+        if "expires" in query:
+            return datetime.fromtimestamp(int(query["expires"]), timezone.utc)
+    except ValueError as exc:
+        raise NDSError(f"a presigned URL has an unreadable expiry ({exc}): select again with --presign") from exc
+    return None
+
+
+def check_not_expired(urls: list[str], where: Path, *, now: datetime | None = None) -> None:
+    """Refuse expired presigned URLs before fetching anything.
+
+    Not every S3-compatible server enforces the expiry (moto does not), and a server that
+    does answers a bare 403; checking here gives one clear error and leaves no partial download.
+    """
+    now = now or datetime.now(timezone.utc)
+    ends = [e for e in (presigned_expiry(u) for u in dict.fromkeys(u.partition("#")[0] for u in urls)) if e]
+    expired = [e for e in ends if e <= now]
+    if expired:
+        raise NDSError(
+            f"the presigned URLs in {where} expired at {min(expired).isoformat(timespec='seconds')} "
+            f"({len(expired)} of {len(ends)} objects): ask for a new selection with `nds select --presign SECONDS`"
+        )
 
 
 class _UrlImages:

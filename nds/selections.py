@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -221,15 +222,22 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
             **({"presigned_urls": presigned["info"]} if presigned else {}),
         },
     )
-    if presigned:
-        write_urls(target, presigned["table"])
-    summary["manifest_location"] = str(target)
-    store_uri = publish_manifest(target, selection_id)
-    if store_uri:
-        summary["local_manifest"] = str(target)
-        summary["manifest_location"] = store_uri
-    summary["seconds"] = round(time.perf_counter() - t0, 3)
-    record_selection(ws, summary, scores=scores["scores"])
+    try:
+        if presigned:
+            write_urls(target, presigned["table"])
+        summary["manifest_location"] = str(target)
+        store_uri = publish_manifest(target, selection_id)
+        if store_uri:
+            summary["local_manifest"] = str(target)
+            summary["manifest_location"] = store_uri
+        summary["seconds"] = round(time.perf_counter() - t0, 3)
+        record_selection(ws, summary, scores=scores["scores"])
+    except BaseException:
+        # A failed run leaves no manifest that no selection row points at: nobody downloads an
+        # unrecorded selection, and a retry under the same name is not refused as a clash.
+        # (write_manifest refused a non-empty target, so everything in it is this run's.)
+        shutil.rmtree(target, ignore_errors=True)
+        raise
     log.info("selection %s: %d of %d eligible samples -> %s", selection_id, budget, n_eligible, target)
     return summary
 
