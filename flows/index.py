@@ -7,7 +7,7 @@ import time
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows._common import workspace_and_params
+from flows._common import task_runner, workspace_and_params
 from flows.cluster import cluster
 from flows.compute_weights import compute_weights
 from flows.extract import extract
@@ -67,7 +67,7 @@ def index(root: str | None = None, progress: bool = False, push: bool = True) ->
         seconds[name] = round(time.perf_counter() - t0, 2)
         return out
 
-    ext = timed("extract", extract, root, progress)
+    ext = timed("extract", extract.with_options(task_runner=task_runner(1)), root, progress)
     cl = timed("cluster", cluster, root)
     runner = expert_task_runner(params.train_experts.workers)
     bundle = timed("train_experts", train_experts.with_options(task_runner=runner), root)

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 from prefect import flow, task
-from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._common import workspace_and_params
+from flows._common import DASK_ADDRESS_ENV, task_runner, workspace_and_params  # noqa: F401
 from nds import pipeline
-from nds.errors import NDSError
 from nds.params import load_params
 from nds.config import Workspace
 
@@ -43,20 +39,9 @@ def train_experts(root: str | None = None) -> dict:
     return write_bundle(root, [f.result() for f in futures])
 
 
-#: A Dask scheduler (`tcp://host:8786`) to train experts on; unset: a local thread pool.
-DASK_ADDRESS_ENV = "NDS_DASK_ADDRESS"
-
-
 def expert_task_runner(workers: int):
     """DaskTaskRunner on $NDS_DASK_ADDRESS if set, else `workers` threads in this process."""
-    address = os.environ.get(DASK_ADDRESS_ENV)
-    if not address:
-        return ThreadPoolTaskRunner(max_workers=workers)
-    try:
-        from prefect_dask import DaskTaskRunner
-    except ImportError as exc:
-        raise NDSError(f"{DASK_ADDRESS_ENV} is set but prefect-dask is missing: pip install prefect-dask") from exc
-    return DaskTaskRunner(address=address)
+    return task_runner(workers)
 
 
 def train_experts_with_workers(root: str | None = None) -> dict:
