@@ -166,7 +166,8 @@ def _cmd_client_score(args) -> int:
     data = load_client_images(Path(args.data), progress=not args.quiet)
     if data.n_skipped:
         print(f"skipped {data.n_skipped} unreadable images (first: {data.skipped[0][0]}: {data.skipped[0][1]})", file=sys.stderr)
-    result = score_experts(Path(args.experts), data, mode=args.mode, seed=args.seed, progress=not args.quiet)
+    result = score_experts(Path(args.experts), data, mode=args.mode, seed=args.seed, progress=not args.quiet,
+                           threads=args.threads)
     hashes = compute_image_hashes(data.images) if args.emit_hashes else None
     write_scores(Path(args.out), bundle=result.bundle, mode=args.mode, scores=result.scores,
                  seconds_per_expert=result.seconds_per_expert, hashes=hashes)
@@ -320,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--mode", default="rotation", choices=["rotation", "linear", "logme"],
                        help="scorer (default: rotation, the most domain-selective on the embedded tasks)")
     score.add_argument("--seed", type=int, default=0)
+    score.add_argument("--threads", type=int, default=1,
+                       help="torch threads while scoring (default 1: fastest for these small experts on shared cores)")
     score.add_argument("--emit-hashes", action="store_true",
                        help="add content hashes of your images so the server excludes exact duplicates")
     score.set_defaults(func=_cmd_client_score)

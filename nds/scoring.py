@@ -12,8 +12,9 @@ is one function in ``SCORERS``:
   Bayesian linear model's marginal likelihood, per class one-hot target, averaged. No
   cross-validation, so cheaper than ``linear``; needs labels.
 
-The images are decoded once (``nds.client.load_client_images``); each expert then runs
-over them in batches under ``torch.inference_mode``.
+The images are decoded once (``nds.client.load_client_images``) and, for ``rotation``,
+preprocessed and rotated once for all experts; each expert then runs over them in batches
+under ``torch.inference_mode``.
 """
 
 from __future__ import annotations
@@ -36,8 +37,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Images per forward pass: ~3 MB of input, keeps a 2-core laptop busy without swapping.
+#: Images per forward pass. Measured on 2 cores (32 px RotNetSmall): 64-512 images cost
+#: ~0.14 ms each, 1,024 images 0.31 ms each (activations fall out of cache), so the four
+#: rotations of 64 images (256 inputs) go through together.
 BATCH_SIZE = 256
+ROTATION_BATCH = 64
+#: Torch threads while scoring. Measured on the 2-core machine beside other jobs, K=50 x 1,000
+#: images (benchmarks/client_scoring.py): rotation 14.6 s with one thread, 117 s with two
+#: (intra-op threads spin when the cores are shared; these convolutions are tiny).
+SCORING_THREADS = 1
 #: At most this many cross-validation folds for the linear probe (fewer for tiny classes).
 MAX_FOLDS = 5
 #: Probe settings: lbfgs converges on standardised 128-d features within ~100 steps;
@@ -123,16 +131,43 @@ def score_linear(model, images: np.ndarray, labels, *, seed: int = 0) -> float:
     feats = compute_features(model, images).astype(np.float64)
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=PROBE_C, max_iter=PROBE_MAX_ITER, solver="lbfgs"))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
+    with _one_blas_thread(), warnings.catch_warnings():
         # An unconverged probe after PROBE_MAX_ITER steps is still a fair relative score.
         warnings.simplefilter("ignore", ConvergenceWarning)
         accuracy = cross_val_score(probe, feats, codes, cv=cv, scoring="accuracy")
     return float(accuracy.mean())
 
 
-def score_rotation(model, images: np.ndarray, labels=None, *, seed: int = 0) -> float:
-    """Share of the four rotations of ``images: (n, 32, 32, 3) uint8`` the expert predicts right."""
-    return float(experts.rotation_accuracy(model, images, batch_size=BATCH_SIZE))
+def _one_blas_thread():
+    """BLAS on one thread: the probes are tiny (n x 128), and a multi-threaded OpenBLAS on a
+    busy 2-core machine spins: 5-fold CV of one probe took 20 s instead of 0.26 s here."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def rotated_batches(images: np.ndarray, *, batch_size: int = ROTATION_BATCH) -> list[tuple[object, object]]:
+    """The client's images, preprocessed and rotated ONCE for every expert: [(x (4b, 3, 32, 32), y (4b,))]."""
+    return [experts.rotate_batch(experts.preprocess(images[s : s + batch_size]))
+            for s in range(0, len(images), batch_size)]
+
+
+def score_rotation(model, images: np.ndarray, labels=None, *, seed: int = 0, prepared=None) -> float:
+    """Share of the four rotations of ``images: (n, 32, 32, 3) uint8`` the expert predicts right.
+
+    prepared: ``rotated_batches(images)``, shared by all experts (computed here if None).
+    """
+    import torch
+
+    if len(images) == 0:
+        return float("nan")
+    batches = prepared if prepared is not None else rotated_batches(images)
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for x, y in batches:
+            correct += int((model(x).argmax(1) == y).sum())
+    return correct / (experts.N_ROTATIONS * len(images))
 
 
 def compute_logme(features: np.ndarray, codes: np.ndarray) -> float:
@@ -179,7 +214,9 @@ def compute_logme(features: np.ndarray, codes: np.ndarray) -> float:
 def score_logme(model, images: np.ndarray, labels, *, seed: int = 0) -> float:
     """LogME evidence of ``labels: (n,) str`` given the expert's features of ``images``."""
     codes, _ = _label_codes(labels, "logme")
-    return compute_logme(compute_features(model, images), codes)
+    feats = compute_features(model, images)
+    with _one_blas_thread():
+        return compute_logme(feats, codes)
 
 
 #: mode -> scorer(model, images (n, 32, 32, 3) uint8, labels (n,) str | None, *, seed) -> float.
@@ -200,12 +237,15 @@ def score_experts(
     mode: str = "rotation",
     seed: int = 0,
     progress: bool = True,
+    threads: int | None = SCORING_THREADS,
 ) -> ScoreResult:
     """Score every expert in ``bundle_dir`` on the client's images with scorer ``mode``.
 
     data: ClientData from ``nds.client.load_client_images`` (images (n, 32, 32, 3) uint8).
     Returns ScoreResult with scores (K,) in bundle order and the seconds each expert took.
+    threads: torch threads while scoring (None: leave torch's setting).
     """
+    import torch
     from tqdm.auto import tqdm
 
     if mode not in SCORERS:
@@ -225,14 +265,25 @@ def score_experts(
     if bundle.get("input_size") != experts.EXPERT_INPUT_SIZE:
         raise NDSError(f"bundle input size {bundle.get('input_size')} is not {experts.EXPERT_INPUT_SIZE}; "
                        "update nds to the version that made the bundle")
+    # One decoded, preprocessed (and for rotation: rotated) pass of the images for all experts.
+    prepared = {"prepared": rotated_batches(images)} if scorer is score_rotation else {}
     scores, seconds = [], []
     t_all = time.perf_counter()
-    for entry in tqdm(bundle["experts"], desc=f"score experts ({mode})", unit="expert", disable=not progress, leave=False):
-        t0 = time.perf_counter()
-        model, _ = experts.load_expert(Path(bundle_dir) / entry["file"], expected_sha256=entry["sha256"])
-        scores.append(scorer(model, images, data.labels, seed=seed))
-        seconds.append(time.perf_counter() - t0)
-        log.debug("expert %s: %s score %.4f in %.2fs", entry.get("expert"), mode, scores[-1], seconds[-1])
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise NDSError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        for entry in tqdm(bundle["experts"], desc=f"score experts ({mode})", unit="expert", disable=not progress,
+                          leave=False):
+            t0 = time.perf_counter()
+            model, _ = experts.load_expert(Path(bundle_dir) / entry["file"], expected_sha256=entry["sha256"])
+            scores.append(scorer(model, images, data.labels, seed=seed, **prepared))
+            seconds.append(time.perf_counter() - t0)
+            log.debug("expert %s: %s score %.4f in %.2fs", entry.get("expert"), mode, scores[-1], seconds[-1])
+    finally:
+        torch.set_num_threads(saved_threads)
     result = ScoreResult(np.asarray(scores, dtype=np.float64), np.asarray(seconds, dtype=np.float64), mode, bundle)
     best = int(np.argmax(result.scores))
     log.info("scored %d experts (%s) on %d images in %.1fs; best expert %d (%.4f)",
