@@ -1,9 +1,19 @@
 """Transfer evaluation on the workspace's index: nds vs uniform vs all vs none.
 
-The run reported in benchmarks/results/transfer_eval/ (small index, 2-core CPU):
+The run reported in benchmarks/results/transfer_eval/ (small index, 2-core CPU, 3 seeds split
+over two processes and merged; the default recipe of ``evaluation.TrainConfig``: pre-training
+30 epochs clamped to 300..1,200 steps, fine-tuning 300 steps at lr 1e-2):
 
-    .venv/bin/python benchmarks/transfer_eval.py --root . --tasks digits clothing letters \
-        --budgets 0.02 0.05 0.1 0.2 --seeds 2 --pretrain-steps 150 --finetune-steps 80 --holdout-budget 0.1
+    B="--root . --tasks digits clothing letters --budgets 0.02 0.05 0.1 0.2 --holdout-budget 0.1"
+    .venv/bin/python benchmarks/transfer_eval.py $B --seed-list 0 1 --out /tmp/bench/part01 &
+    .venv/bin/python benchmarks/transfer_eval.py $B --seed-list 2 --out /tmp/bench/part2; \
+    .venv/bin/python benchmarks/transfer_eval.py $B --tasks animals --seed-list 0 1 2 --out /tmp/bench/animals; wait
+    .venv/bin/python benchmarks/transfer_eval.py --merge /tmp/bench/part01 /tmp/bench/part2 /tmp/bench/animals \
+        --holdout-budget 0.1
+
+(45 min wall; the merged ``seconds`` is the longest part). One process: ``$B --tasks digits
+clothing letters animals --seeds 3``. The old recipe is ``--pretrain-epochs 0 --pretrain-steps 150
+--finetune-steps 80 --finetune-lr 0.001``.
 
 Writes results.parquet, summary.{parquet,csv,md}, fits.json, accuracy_vs_budget.png and
 benchmark.json (timings, and the log-linear fit made WITHOUT --holdout-budget against the
@@ -29,24 +39,50 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", default=".")
     p.add_argument("--tasks", nargs="+", default=["digits", "clothing", "letters"])
     p.add_argument("--budgets", nargs="+", type=float, default=[0.02, 0.05, 0.1, 0.2])
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--seed-list", type=int, nargs="+", help="explicit seeds instead (to split a run, see --merge)")
     p.add_argument("--shots", type=int, default=10)
-    p.add_argument("--pretrain-steps", type=int, default=150)
-    p.add_argument("--finetune-steps", type=int, default=80)
-    p.add_argument("--finetune-mode", default="all", choices=["all", "last"])
+    defaults = evaluation.TrainConfig()
+    p.add_argument("--pretrain-epochs", type=float, default=defaults.pretrain_epochs,
+                   help="passes over the selection (clamped to the step floor/cap); 0: fixed --pretrain-steps")
+    p.add_argument("--pretrain-min-steps", type=int, default=defaults.pretrain_min_steps)
+    p.add_argument("--pretrain-steps", type=int, default=defaults.pretrain_steps, help="cap of pre-training steps")
+    p.add_argument("--finetune-steps", type=int, default=defaults.finetune_steps)
+    p.add_argument("--finetune-lr", type=float, default=defaults.finetune_lr)
+    p.add_argument("--finetune-mode", default=defaults.finetune_mode, choices=["all", "last"])
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--holdout-budget", type=float, default=None, help="leave this budget out of the fit check")
+    p.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="no training: combine the results.parquet of runs split by --seed-list into --out")
     p.add_argument("--out", default="benchmarks/results/transfer_eval")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    ws = Workspace.from_env(args.root)
-    config = evaluation.TrainConfig(pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
+    config = evaluation.TrainConfig(pretrain_epochs=args.pretrain_epochs or None,
+                                    pretrain_min_steps=args.pretrain_min_steps, pretrain_steps=args.pretrain_steps,
+                                    finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
                                     finetune_mode=args.finetune_mode)
-    t0 = time.perf_counter()
-    results = evaluation.evaluate(ws, args.tasks, args.budgets, seeds=list(range(args.seeds)), shots=args.shots,
-                                  config=config, temperature=args.temperature, progress=True)
-    seconds = time.perf_counter() - t0
+    parts = []
+    if args.merge:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tables, seconds = [], 0.0
+        for d in args.merge:
+            tables.append(pq.read_table(Path(d, "results.parquet")))
+            part = json.loads(Path(d, "benchmark.json").read_text())
+            parts.append({"dir": d, "command": part["command"], "seconds": part["seconds"]})
+            seconds = max(seconds, part["seconds"])  # the parts ran side by side
+            config = evaluation.TrainConfig(**part["config"])
+        results = pa.concat_tables(tables).sort_by([("task", "ascending"), ("seed", "ascending")])
+        args.tasks = list(dict.fromkeys(results.column("task").to_pylist()))
+    else:
+        ws = Workspace.from_env(args.root)
+        seeds = args.seed_list if args.seed_list else list(range(args.seeds))
+        t0 = time.perf_counter()
+        results = evaluation.evaluate(ws, args.tasks, args.budgets, seeds=seeds, shots=args.shots,
+                                      config=config, temperature=args.temperature, progress=True)
+        seconds = time.perf_counter() - t0
     rows = results.to_pylist()
     n_source = next(r["budget"] for r in rows if r["strategy"] == "all") if any(r["strategy"] == "all" for r in rows) else None
     check = {}
@@ -64,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
                 se = math.sqrt(fit.se_a**2 + math.log(held) ** 2 * fit.se_b**2 + 2 * math.log(held) * fit.cov_ab)
                 check[f"{task}/{strategy}"] = {"budget": held, "predicted": round(pred, 4), "se": round(se, 4),
                                                "measured": round(sum(test_pts) / len(test_pts), 4)}
+    steps = {b: evaluation.pretrain_schedule(b, config) for b in sorted({r["n_pretrain"] for r in rows if r["n_pretrain"]})}
     meta = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "seconds": round(seconds, 1),
-            "config": config.model_dump(), "n_source": n_source, "holdout_check": check}
+            "config": config.model_dump(), "pretrain_steps_by_size": steps, "n_source": n_source,
+            "holdout_check": check, **({"parts": parts} if parts else {})}
     out = evaluation.write_outputs(results, Path(args.out), meta=meta)
     Path(args.out, "benchmark.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(out["markdown"])

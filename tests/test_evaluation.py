@@ -108,6 +108,18 @@ def test_unknown_task_lists_the_valid_ones(tmp_path):
         evaluation.build_target_task(Workspace(tmp_path), "cifar")
 
 
+def test_pretrain_schedule_is_epochs_clamped_to_floor_and_cap():
+    cfg = evaluation.TrainConfig()  # 30 epochs of batch 128, clamped to [300, 1200] steps
+    assert evaluation.pretrain_schedule(448, cfg) == 300
+    assert evaluation.pretrain_schedule(2240, cfg) == 525
+    assert evaluation.pretrain_schedule(4480, cfg) == 1050
+    assert evaluation.pretrain_schedule(22402, cfg) == 1200
+    fixed = evaluation.TrainConfig(pretrain_epochs=None, pretrain_steps=150)
+    assert evaluation.pretrain_schedule(10, fixed) == evaluation.pretrain_schedule(10**6, fixed) == 150
+    assert evaluation.pretrain_schedule(10, evaluation.TrainConfig(pretrain_steps=20)) == 20  # floor <= cap
+    assert evaluation.quick_request().train.pretrain_epochs is None
+
+
 def test_finetune_rejects_test_classes_without_training_images():
     x = np.zeros((4, 32, 32, 3), np.uint8)
     with pytest.raises(NDSError, match="test set"):
