@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seeds", type=int, help="number of seeds (0..N-1; default 3)")
     ev.add_argument("--shots", type=int, help="train images per class of a built-in task (default 10)")
     ev.add_argument("--temperature", type=float, help="selection temperature (default: the server's)")
-    ev.add_argument("--pretrain-steps", type=int, help="pre-training optimisation steps, whatever the budget")
+    ev.add_argument("--pretrain-steps", type=int,
+                    help="cap of pre-training steps (each selection trains 30 epochs within [300, cap] steps)")
     ev.add_argument("--finetune-steps", type=int)
     ev.add_argument("--finetune-mode", choices=["all", "last"], help="fine-tune every layer or head + last block")
     ev.add_argument("--quick", action="store_true", help="tiny smoke profile: 1 task, 1 seed, 2 budgets, short training")
