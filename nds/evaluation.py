@@ -883,6 +883,20 @@ class EvaluateRequest(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     out_dir: str | None = Field(None, description="Output folder (default: evaluations/<evaluation id>).")
 
+    @field_validator("budgets")
+    @classmethod
+    def _valid_budgets(cls, value: list[float]) -> list[float]:
+        # Checked when the form is submitted, not when the run starts (the index size is
+        # checked later, by resolve_budgets).
+        if not value:
+            raise ValueError("give at least one budget (a count such as 2000 or a fraction such as 0.1)")
+        for b in value:
+            if not math.isfinite(b) or b <= 0:
+                raise ValueError(f"budget {b!r} must be a positive count or a fraction in (0, 1)")
+            if b >= 1 and b != int(b):
+                raise ValueError(f"budget {b} is neither a whole count nor a fraction below 1: use e.g. 500 or 0.1")
+        return value
+
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, value: list[str]) -> list[str]:

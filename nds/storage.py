@@ -162,7 +162,9 @@ def s3_client():
         # Path-style addressing works with every S3-compatible server, virtual hosts need DNS.
         s3={"addressing_style": "path"} if endpoint else None,
     )
-    return boto3.client("s3", endpoint_url=endpoint, config=config)
+    # A fresh session per client: credentials are read from the environment each time, so a
+    # long-running worker picks up rotated keys (boto3's default session keeps the first ones).
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
 
 
 class S3Storage:
@@ -206,11 +208,15 @@ class S3Storage:
         try:
             self._call("publish", key, self.client.copy_object, Bucket=self.bucket, Key=final,
                        CopySource={"Bucket": self.bucket, "Key": tmp})
-        finally:
-            try:
-                self.client.delete_object(Bucket=self.bucket, Key=tmp)
-            except Exception:  # a leftover temp key is harmless and never read
-                log.warning("could not delete temporary object s3://%s/%s", self.bucket, tmp)
+        except NDSError:
+            # The store failed mid-publish: retrying the delete would only double the wait.
+            # A leftover temp key is harmless: every reader skips `.tmp-` keys.
+            log.warning("publish failed; temporary object s3://%s/%s may remain", self.bucket, tmp)
+            raise
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=tmp)
+        except Exception:
+            log.warning("could not delete temporary object s3://%s/%s", self.bucket, tmp)
         return self.uri(key)
 
     def put_file(self, key: str, path: Path) -> str:

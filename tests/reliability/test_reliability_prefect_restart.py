@@ -3,7 +3,7 @@
 A real server on loopback (`nds server up`: server, work pool, the `select` deployment, a
 process worker). The server process is killed and started again on the same port and state;
 the worker, which kept polling through the outage, then runs a selection triggered by the API.
-Marked slow: two server starts, a deploy and a flow-run subprocess take minutes on 2 cores.
+In the default run (about 2 minutes on 2 cores: two server starts, a deploy, a flow-run subprocess).
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import signal
 import subprocess
 import time
 
-import pytest
-
 from nds import server
 from nds.cli import main as nds_main
 
@@ -24,7 +22,6 @@ from relhelpers import TESTS, free_port, write_valid_scores
 REPO = TESTS.parent
 
 
-@pytest.mark.slow
 def test_worker_survives_a_server_restart(tiny_index, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
