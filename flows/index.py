@@ -11,7 +11,7 @@ from flows._common import task_runner, workspace_and_params
 from flows.cluster import cluster
 from flows.compute_weights import compute_weights
 from flows.extract import extract
-from flows.train_experts import expert_task_runner, train_experts
+from flows.train_experts import train_experts
 from nds import pipeline, storage, versioning
 from nds.report import index_summary_markdown, render_cluster_montage
 
@@ -69,7 +69,7 @@ def index(root: str | None = None, progress: bool = False, push: bool = True) ->
 
     ext = timed("extract", extract.with_options(task_runner=task_runner(1)), root, progress)
     cl = timed("cluster", cluster, root)
-    runner = expert_task_runner(params.train_experts.workers)
+    runner = task_runner(params.train_experts.workers)
     bundle = timed("train_experts", train_experts.with_options(task_runner=runner), root)
     wts = timed("compute_weights", compute_weights, root, dict(seconds))
     versioned = dvc_commit(root)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from prefect import flow, task
 
-from flows._common import DASK_ADDRESS_ENV, task_runner, workspace_and_params  # noqa: F401
+from flows._common import task_runner, workspace_and_params
 from nds import pipeline
-from nds.params import load_params
-from nds.config import Workspace
 
 
 @task(name="plan-experts")
@@ -29,7 +27,7 @@ def write_bundle(root: str | None, entries: list[dict]) -> dict:
 
 
 def _workers(root: str | None) -> int:
-    return load_params(Workspace.from_env(root).params_path).train_experts.workers
+    return workspace_and_params(root)[1].train_experts.workers
 
 
 @flow(name="train_experts")
@@ -39,14 +37,9 @@ def train_experts(root: str | None = None) -> dict:
     return write_bundle(root, [f.result() for f in futures])
 
 
-def expert_task_runner(workers: int):
-    """DaskTaskRunner on $NDS_DASK_ADDRESS if set, else `workers` threads in this process."""
-    return task_runner(workers)
-
-
 def train_experts_with_workers(root: str | None = None) -> dict:
     """Run the flow with as many concurrent expert tasks as train_experts.workers says (or on Dask)."""
-    return train_experts.with_options(task_runner=expert_task_runner(_workers(root)))(root)
+    return train_experts.with_options(task_runner=task_runner(_workers(root)))(root)
 
 
 if __name__ == "__main__":

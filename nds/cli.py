@@ -36,7 +36,7 @@ def _cmd_corpus_publish(args) -> int:
 
     ws = Workspace.from_env(args.root)
     t0 = time.perf_counter()
-    info = corpus.publish_corpus(ws, args.url, keep_local=not args.drop_local, progress=not args.quiet)
+    info = corpus.publish_corpus(ws, args.url, keep_local=not args.drop_local)
     md5 = None if args.no_dvc else versioning.track_corpus(ws)
     print(f"corpus published: {info['rows']} catalog rows now point at {len(info['objects'])} objects under "
           f"{info['store']} ({time.perf_counter() - t0:.1f}s)")

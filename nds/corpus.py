@@ -288,12 +288,27 @@ def _content_facts(summary: dict) -> dict:
 
 
 def load_catalog(data_dir: Path, *, split: str | None = SOURCE) -> pa.Table:
-    """The catalog, filtered to ``split`` ("source", "holdout"; None = every row)."""
+    """The catalog, filtered to ``split`` ("source", "holdout"; None = every row).
+
+    Read, checked and filtered once per catalog file and split (cached, keyed like
+    ``_open_array``): stages call this per shard, and a 1e8-row catalog must not be re-read
+    and re-checked each time.
+    """
     if split not in (*SPLITS, None):
         raise NDSError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)} (or None for all)")
     path = Path(data_dir) / CATALOG_FILE
-    if not path.exists():
-        raise NDSError(f"no corpus catalog at {path}; run `nds corpus build --profile small`")
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise NDSError(f"no corpus catalog at {path}; run `nds corpus build --profile small`") from None
+    return _read_catalog(str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size, split)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_catalog(path: str, inode: int, mtime_ns: int, size: int, split: str | None) -> pa.Table:
+    if split is not None:
+        table = _read_catalog(path, inode, mtime_ns, size, None)
+        return table.filter(pc.equal(table.column("split"), split))
     table = pq.read_table(path)
     ids = table.column("sample_id")
     if pc.count_distinct(ids).as_py() != table.num_rows:
@@ -305,8 +320,6 @@ def load_catalog(data_dir: Path, *, split: str | None = SOURCE) -> pa.Table:
             f"{path} has {len(dup)} duplicate sample_id(s) (e.g. {dup[0].as_py()!r}); sample ids must be "
             "unique: rebuild the corpus (`nds corpus build`)"
         )
-    if split is not None:
-        table = table.filter(pc.equal(table.column("split"), split))
     return table
 
 
@@ -388,6 +401,12 @@ def load_images(data_dir: Path, arrays: Sequence[str], rows: np.ndarray) -> np.n
     return out
 
 
+def load_images_at(data_dir: Path, uris: Sequence[str]) -> np.ndarray:
+    """Images at catalog ``uris`` (``split_uri`` forms), in the given order."""
+    parsed = [split_uri(u) for u in uris]
+    return load_images(data_dir, [a for a, _ in parsed], np.asarray([r for _, r in parsed], dtype=np.int64))
+
+
 def iter_image_batches(data_dir: Path, catalog: pa.Table, batch_size: int) -> Iterator[np.ndarray]:
     """``(<= batch_size, IMAGE_SIZE, IMAGE_SIZE, 3) uint8`` batches in catalog row order."""
     if batch_size < 1:
@@ -397,7 +416,7 @@ def iter_image_batches(data_dir: Path, catalog: pa.Table, batch_size: int) -> It
         yield load_images(data_dir, part.column("array").to_pylist(), np.asarray(part.column("row").to_pylist()))
 
 
-def publish_corpus(workspace: Workspace, url: str, *, keep_local: bool = True, progress: bool = True) -> dict:
+def publish_corpus(workspace: Workspace, url: str, *, keep_local: bool = True) -> dict:
     """Upload the corpus arrays to ``url`` (``s3://bucket/prefix``) and point the catalog at them.
 
     Each ``images/<dataset>.npy`` becomes ``<url>/images/<dataset>.npy``; the catalog's ``uri``
@@ -426,8 +445,7 @@ def publish_corpus(workspace: Workspace, url: str, *, keep_local: bool = True, p
         if not local.is_file():
             raise NDSError(f"corpus array {local} is missing: rebuild the corpus (`nds corpus build`) before publishing")
         mapping[name] = store.put_file(name, local)
-        if progress:
-            log.info("published %s -> %s", local, mapping[name])
+        log.info("published %s -> %s", local, mapping[name])
     uris = [f"{mapping[a]}#{r}" for a, r in zip(catalog.column("array").to_pylist(), catalog.column("row").to_pylist())]
     table = catalog.set_column(catalog.schema.get_field_index("uri"), "uri", pa.array(uris, pa.string()))
     table = table.set_column(table.schema.get_field_index("array"), "array",

@@ -221,13 +221,11 @@ class SourcePool:
 
 
 def load_source_pool(ws: Workspace) -> SourcePool:
-    from nds.corpus import load_images
-    from nds.export import parse_uri
+    from nds.corpus import load_images_at
     from nds.selections import load_current_index
 
     index = load_current_index(ws)
-    parsed = [parse_uri(u) for u in index.catalog.column("uri").to_pylist()]
-    images = load_images(ws.data_dir, [p for p, _ in parsed], np.asarray([r for _, r in parsed], dtype=np.int64))
+    images = load_images_at(ws.data_dir, index.catalog.column("uri").to_pylist())
     datasets = np.asarray(index.catalog.column("dataset").to_pylist(), dtype=object)
     labels = np.asarray([f"{d}:{lab}" for d, lab in zip(datasets, index.catalog.column("label").to_pylist())])
     ids = index.catalog.column("sample_id").to_pylist()
@@ -580,16 +578,12 @@ def evaluate(ws: Workspace, tasks: Sequence[str | TargetTask], budgets: Sequence
     not depend on the task), so several tasks cost less than their sum.
     ``work_dir`` keeps the ``nds`` manifests (default: a temporary folder, removed).
     """
-    import torch
+    from nds.experts import torch_threads
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TORCH_THREADS)
-    try:
+    with torch_threads(TORCH_THREADS):
         return _evaluate(ws, tasks, budgets, strategies=strategies, seeds=seeds, shots=shots,
                          test_per_class=test_per_class, config=config, temperature=temperature,
                          work_dir=work_dir, progress=progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _evaluate(ws, tasks, budgets, *, strategies, seeds, shots, test_per_class, config, temperature, work_dir,

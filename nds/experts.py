@@ -12,8 +12,9 @@ import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -86,8 +87,18 @@ def rotate_batch(x):
     return torch.cat(rots), labels
 
 
-def rotation_accuracy(model, images: np.ndarray, *, batch_size: int = 256) -> float:
-    """Share of the 4 rotations of `images: (n, 32, 32, 3) uint8` the model gets right."""
+def rotated_batches(images: np.ndarray, *, batch_size: int = 256) -> Iterator[tuple[object, object]]:
+    """(x (4b, 3, 32, 32), y (4b,)) per `batch_size` images: preprocessed, all four rotations."""
+    for s in range(0, len(images), batch_size):
+        yield rotate_batch(preprocess(images[s : s + batch_size]))
+
+
+def rotation_accuracy(model, images: np.ndarray, *, batch_size: int = 256, batches=None) -> float:
+    """Share of the 4 rotations of `images: (n, 32, 32, 3) uint8` the model gets right.
+
+    batches: ``list(rotated_batches(images))`` made once and shared by several models (the
+    client scores every expert on the same images); made here batch by batch if None.
+    """
     import torch
 
     if len(images) == 0:
@@ -95,10 +106,27 @@ def rotation_accuracy(model, images: np.ndarray, *, batch_size: int = 256) -> fl
     model.eval()
     correct = 0
     with torch.inference_mode():
-        for s in range(0, len(images), batch_size):
-            x, y = rotate_batch(preprocess(images[s : s + batch_size]))
+        for x, y in batches if batches is not None else rotated_batches(images, batch_size=batch_size):
             correct += int((model(x).argmax(1) == y).sum())
     return correct / (N_ROTATIONS * len(images))
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with `n` torch intra-op threads (None: as set), then restore the setting."""
+    import torch
+
+    if n is None:
+        yield
+        return
+    if n < 1:
+        raise NDSError(f"threads must be >= 1, got {n}")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def train_expert(

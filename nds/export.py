@@ -16,13 +16,12 @@ import numpy as np
 from nds.config import Workspace
 from nds.corpus import load_images, split_uri
 from nds.errors import NDSError
-from nds.manifest import load_manifest
+from nds.manifest import URLS_NAME, load_manifest
 
 log = logging.getLogger(__name__)
 
 #: A presigned download reads each corpus object once; a stalled server fails, not hangs.
 URL_TIMEOUT_S = 120
-URLS_NAME = "urls.csv"  # written beside the manifest by `nds select --presign`
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -33,9 +32,8 @@ def safe_name(text: str) -> str:
     return name
 
 
-def parse_uri(uri: str) -> tuple[str, int]:
-    """A catalog uri -> (array, row) for load_images (see ``nds.corpus.split_uri``)."""
-    return split_uri(uri)
+#: A catalog uri -> (array, row) for load_images: the corpus's own parser, under its old name.
+parse_uri = split_uri
 
 
 def load_url_column(manifest_path: Path, table) -> list[str] | None:

@@ -32,6 +32,10 @@ CATALOG_COLUMNS = ("sample_id", "dataset", "uri", "label")
 
 PARQUET_NAME = "manifest.parquet"
 CSV_NAME = "manifest.csv"
+#: The sidecar of a presigned selection (`nds select --presign`): sample_id, rank, url in rank
+#: order. The URLs live beside the manifest, not in it, because they expire and carry
+#: signatures: the manifest (and its sha256) stays the same for the same inputs.
+URLS_NAME = "urls.csv"
 SUMMARY_NAME = "summary.json"
 
 # The manifest checksum is sha256 over the bytes of manifest.csv as written: CSV is a

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from nds import clustering, experts, features, selection, warehouse, weights
 from nds.config import Workspace
-from nds.corpus import iter_image_batches, load_catalog, load_images, split_uri
+from nds.corpus import iter_image_batches, load_catalog, load_images_at
 from nds.errors import NDSError
 from nds.params import Params, load_params
 
@@ -260,8 +260,7 @@ def train_one_expert(ws: Workspace, params: Params, k: int) -> dict:
             log.info("expert %d: reused from %s", k, cache)
             return {**entry, "cache_file": str(cache), "reused": True}
     uri = index.column("uri").to_pylist()
-    arrays, rows = _arrays_rows([uri[int(i)] for i in members])
-    images = load_images(ws.data_dir, arrays, rows)
+    images = load_images_at(ws.data_dir, [uri[int(i)] for i in members])
     # Expert tasks run side by side; split the cores between them.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // p.workers))
     model, metrics = experts.train_expert(
@@ -281,12 +280,6 @@ def train_one_expert(ws: Workspace, params: Params, k: int) -> dict:
     entry = {**entry, "cache_file": str(cache), "reused": False}
     log.info("expert %d: %d images, rotation acc %.3f, %.1fs", k, len(images), metrics["rotation_accuracy"], metrics["train_seconds"])
     return entry
-
-
-def _arrays_rows(uris: list[str]) -> tuple[list[str], np.ndarray]:
-    """Catalog uris -> (arrays, rows) for load_images (``nds.corpus.split_uri``)."""
-    parsed = [split_uri(u) for u in uris]
-    return [a for a, _ in parsed], np.asarray([r for _, r in parsed], dtype=np.int64)
 
 
 def compute_index_version(ws: Workspace, entries: list[dict]) -> str:

@@ -85,8 +85,7 @@ def render_cluster_montage(ws, out_path, *, per_expert: int = 12, seed: int = 0)
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from nds.corpus import load_images
-    from nds.export import parse_uri
+    from nds.corpus import load_images_at
     from nds.pipeline import load_assignments, load_index_order
 
     assignments = load_assignments(ws)
@@ -101,8 +100,7 @@ def render_cluster_montage(ws, out_path, *, per_expert: int = 12, seed: int = 0)
     for c in range(k):
         members = np.flatnonzero(assignments == c)
         pick = np.sort(rng.choice(members, size=min(per_expert, len(members)), replace=False))
-        parsed = [parse_uri(uris[i]) for i in pick]
-        images = load_images(ws.data_dir, [a for a, _ in parsed], np.asarray([r for _, r in parsed]))
+        images = load_images_at(ws.data_dir, [uris[i] for i in pick])
         names, counts = np.unique(datasets[members].astype(str), return_counts=True)
         top = names[counts.argmax()]
         draw.text((4, c * cell + 4), f"expert {c}", fill="black")

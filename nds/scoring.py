@@ -146,28 +146,17 @@ def _one_blas_thread():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def rotated_batches(images: np.ndarray, *, batch_size: int = ROTATION_BATCH) -> list[tuple[object, object]]:
-    """The client's images, preprocessed and rotated ONCE for every expert: [(x (4b, 3, 32, 32), y (4b,))]."""
-    return [experts.rotate_batch(experts.preprocess(images[s : s + batch_size]))
-            for s in range(0, len(images), batch_size)]
+def rotated_batches(images: np.ndarray) -> list[tuple[object, object]]:
+    """The client's images, preprocessed and rotated ONCE for every expert (ROTATION_BATCH per pass)."""
+    return list(experts.rotated_batches(images, batch_size=ROTATION_BATCH))
 
 
 def score_rotation(model, images: np.ndarray, labels=None, *, seed: int = 0, prepared=None) -> float:
     """Share of the four rotations of ``images: (n, 32, 32, 3) uint8`` the expert predicts right.
 
-    prepared: ``rotated_batches(images)``, shared by all experts (computed here if None).
+    prepared: ``rotated_batches(images)``, shared by all experts (made here if None).
     """
-    import torch
-
-    if len(images) == 0:
-        return float("nan")
-    batches = prepared if prepared is not None else rotated_batches(images)
-    model.eval()
-    correct = 0
-    with torch.inference_mode():
-        for x, y in batches:
-            correct += int((model(x).argmax(1) == y).sum())
-    return correct / (experts.N_ROTATIONS * len(images))
+    return float(experts.rotation_accuracy(model, images, batch_size=ROTATION_BATCH, batches=prepared))
 
 
 def compute_logme(features: np.ndarray, codes: np.ndarray) -> float:
@@ -245,7 +234,6 @@ def score_experts(
     Returns ScoreResult with scores (K,) in bundle order and the seconds each expert took.
     threads: torch threads while scoring (None: leave torch's setting).
     """
-    import torch
     from tqdm.auto import tqdm
 
     if mode not in SCORERS:
@@ -269,12 +257,7 @@ def score_experts(
     prepared = {"prepared": rotated_batches(images)} if scorer is score_rotation else {}
     scores, seconds = [], []
     t_all = time.perf_counter()
-    saved_threads = torch.get_num_threads()
-    if threads is not None:
-        if threads < 1:
-            raise NDSError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    try:
+    with experts.torch_threads(threads):
         for entry in tqdm(bundle["experts"], desc=f"score experts ({mode})", unit="expert", disable=not progress,
                           leave=False):
             t0 = time.perf_counter()
@@ -282,8 +265,6 @@ def score_experts(
             scores.append(scorer(model, images, data.labels, seed=seed, **prepared))
             seconds.append(time.perf_counter() - t0)
             log.debug("expert %s: %s score %.4f in %.2fs", entry.get("expert"), mode, scores[-1], seconds[-1])
-    finally:
-        torch.set_num_threads(saved_threads)
     result = ScoreResult(np.asarray(scores, dtype=np.float64), np.asarray(seconds, dtype=np.float64), mode, bundle)
     best = int(np.argmax(result.scores))
     log.info("scored %d experts (%s) on %d images in %.1fs; best expert %d (%.4f)",

@@ -242,12 +242,6 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
     return summary
 
 
-#: The sidecar file of a presigned selection: sample_id, rank, url (rank order). The URLs
-#: live beside the manifest, not in it, because they expire and carry signatures: the
-#: manifest (and its sha256) stays the same for the same inputs, presigned or not.
-URLS_NAME = "urls.csv"
-
-
 def presign_corpus_urls(ws: Workspace, table: pa.Table, expires_s: int) -> dict:
     """Presigned GET URLs (`<url>#<row>`) of the selected samples' corpus objects.
 
@@ -256,9 +250,9 @@ def presign_corpus_urls(ws: Workspace, table: pa.Table, expires_s: int) -> dict:
     hold the corpus (`dvc push`). Returns {"table": sample_id/rank/url, "info": ...}.
     """
     from nds import storage
-    from nds.export import parse_uri
+    from nds.corpus import split_uri
 
-    parsed = [parse_uri(u) for u in table.column("uri").to_pylist()]
+    parsed = [split_uri(u) for u in table.column("uri").to_pylist()]
     # A corpus published to S3 (`nds corpus publish`) names its objects; otherwise ask DVC
     # where its remote keeps the workspace's arrays.
     objects = {a: a if a.startswith("s3://") else storage.dvc_object_uri(ws.root, f"data/{a}")
@@ -278,7 +272,7 @@ def presign_corpus_urls(ws: Workspace, table: pa.Table, expires_s: int) -> dict:
         "rank": table.column("rank"),
         "url": pa.array([f"{urls[a]}#{row}" for a, row in parsed], pa.string()),
     })
-    info = {"file": URLS_NAME, "expires_s": int(expires_s), "objects": len(urls),
+    info = {"file": manifest.URLS_NAME, "expires_s": int(expires_s), "objects": len(urls),
             "expires_at": datetime.fromtimestamp(expires_at, timezone.utc).isoformat(timespec="seconds")}
     return {"table": out, "info": info}
 
@@ -286,8 +280,8 @@ def presign_corpus_urls(ws: Workspace, table: pa.Table, expires_s: int) -> dict:
 def write_urls(folder: Path, table: pa.Table) -> Path:
     import pyarrow.csv as pacsv
 
-    final = Path(folder) / URLS_NAME
-    tmp = final.with_name(f".{URLS_NAME}.tmp-{os.getpid()}")
+    final = Path(folder) / manifest.URLS_NAME
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     pacsv.write_csv(table, tmp)
     os.replace(tmp, final)
     return final
@@ -304,7 +298,7 @@ def publish_manifest(folder: Path, selection_id: str) -> str | None:
         return None
     store = storage.open_storage()
     prefix = f"manifests/{selection_id}"
-    for name in (manifest.PARQUET_NAME, manifest.CSV_NAME, URLS_NAME, manifest.SUMMARY_NAME):
+    for name in (manifest.PARQUET_NAME, manifest.CSV_NAME, manifest.URLS_NAME, manifest.SUMMARY_NAME):
         if (Path(folder) / name).exists():
             store.put_file(f"{prefix}/{name}", Path(folder) / name)
     location = store.uri(prefix) + "/"

@@ -70,6 +70,20 @@ def open_storage(url: str | None = None) -> "LocalStorage | S3Storage":
     raise NDSError(f"unsupported storage URL {url!r}: use file:///path or s3://bucket/prefix")
 
 
+def _write_atomically(dest: Path, write) -> Path:
+    """`write(tmp)` a temporary sibling of `dest`, then rename it to `dest` (removed on failure)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
 def _clean_key(key: str) -> str:
     parts = PurePosixPath(key).parts
     if not key or key.startswith("/") or ".." in parts:
@@ -90,29 +104,11 @@ class LocalStorage:
         return self._path(key).as_uri()
 
     def put_file(self, key: str, path: Path) -> str:
-        dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
-        os.close(fd)
-        try:
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _write_atomically(self._path(key), lambda tmp: shutil.copyfile(path, tmp))
         return self.uri(key)
 
     def put_bytes(self, key: str, data: bytes) -> str:
-        dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _write_atomically(self._path(key), lambda tmp: tmp.write_bytes(data))
         return self.uri(key)
 
     def get_file(self, key: str, path: Path) -> Path:
@@ -280,17 +276,8 @@ def fetch_object(uri: str, dest: Path) -> Path:
     parsed = urlparse(uri)
     if parsed.scheme != "s3" or not parsed.netloc:
         raise NDSError(f"{uri} is not an s3:// object URI")
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
-    os.close(fd)
-    try:
-        S3Storage(parsed.netloc, "").get_file(parsed.path.lstrip("/"), Path(tmp))
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
+    bucket = S3Storage(parsed.netloc, "")
+    return _write_atomically(Path(dest), lambda tmp: bucket.get_file(parsed.path.lstrip("/"), tmp))
 
 
 def presign_s3_uri(uri: str, expires_s: int, *, client=None, must_exist: bool = False) -> str:

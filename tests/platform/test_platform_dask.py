@@ -28,15 +28,16 @@ def test_dask_task_runner_gives_identical_experts(tiny_index, tmp_path, monkeypa
     from distributed import LocalCluster
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from flows.train_experts import expert_task_runner, train_experts_with_workers
+    from flows._common import task_runner
+    from flows.train_experts import train_experts_with_workers
 
     src, _ = tiny_index
     monkeypatch.delenv("NDS_DASK_ADDRESS", raising=False)
-    assert isinstance(expert_task_runner(1), ThreadPoolTaskRunner)
+    assert isinstance(task_runner(1), ThreadPoolTaskRunner)
     sequential = train_experts_with_workers(str(_copy_without_experts(src.root, tmp_path / "seq")))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         monkeypatch.setenv("NDS_DASK_ADDRESS", cluster.scheduler_address)
-        assert type(expert_task_runner(1)).__name__ == "DaskTaskRunner"
+        assert type(task_runner(1)).__name__ == "DaskTaskRunner"
         on_dask = train_experts_with_workers(str(_copy_without_experts(src.root, tmp_path / "dask")))
     assert [e["sha256"] for e in on_dask["experts"]] == [e["sha256"] for e in sequential["experts"]]
     assert experts.load_bundle(tmp_path / "dask" / "artifacts" / "experts", verify=True)["k"] == len(on_dask["experts"])
