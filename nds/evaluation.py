@@ -14,7 +14,7 @@ its test set:
 Pre-training runs ``TrainConfig.pretrain_epochs`` passes over the selection, clamped to
 [``pretrain_min_steps``, ``pretrain_steps``] optimisation steps (``pretrain_schedule``): every
 strategy gets the same per-sample training (30 epochs) until the cap, so ``all`` is trained
-properly (1,200 steps, ~7 epochs of the 22k-image ``small`` source) rather than starved, and
+properly (3,600 steps, ~20 epochs of the 22k-image ``small`` source) rather than starved, and
 tiny selections get a floor of steps. With ``pretrain_epochs=None`` every selection gets
 exactly ``pretrain_steps`` steps (equal compute whatever the budget). ``none`` and every
 pre-trained model get the identical fine-tuning recipe.
@@ -97,12 +97,15 @@ class TrainConfig(BaseModel):
     #: budget; 80 fine-tuning steps at lr 1e-3) put uniform/all BELOW none: fine-tuning at
     #: 1e-3 for 80 steps leaves a fresh head on 100 images far from converged (none: digits
     #: 0.43 -> 0.85 at 1e-2 x 300 steps), and < 1 epoch of the ~140-class source taught `all`
-    #: little (all -> digits 0.84 / 0.85 / 0.86 at 300 / 600 / 1,200 steps).
+    #: little (all -> digits 0.84 / 0.85 / 0.86 at 300 / 600 / 1,200 steps). The 1,200-step
+    #: cap still left `all` level with `none`; 3,600 steps put it +1.6 / +3.8 / +1.8 points
+    #: above on digits / clothing / letters (benchmarks/results/transfer_eval/pilot_all_steps.md).
+    #: Only `all` reaches the cap: selections up to 20 % of `small` stay below 1,200 steps.
     pretrain_epochs: float | None = Field(30.0, gt=0, description=(
         "Passes over the selection, clamped to [pretrain_min_steps, pretrain_steps] steps; "
         "None: exactly pretrain_steps whatever the budget."))
     pretrain_min_steps: int = Field(300, ge=1, description="Floor of pre-training steps (tiny selections).")
-    pretrain_steps: int = Field(1200, ge=1, description="Cap of pre-training steps (the fixed count if pretrain_epochs is None).")
+    pretrain_steps: int = Field(3600, ge=1, description="Cap of pre-training steps (the fixed count if pretrain_epochs is None).")
     pretrain_batch: int = Field(128, ge=2)
     pretrain_lr: float = Field(0.003, gt=0)
     #: 300 steps at 1e-2: `none` (from scratch) needs that many to converge (letters 0.89 at

@@ -109,11 +109,11 @@ def test_unknown_task_lists_the_valid_ones(tmp_path):
 
 
 def test_pretrain_schedule_is_epochs_clamped_to_floor_and_cap():
-    cfg = evaluation.TrainConfig()  # 30 epochs of batch 128, clamped to [300, 1200] steps
+    cfg = evaluation.TrainConfig()  # 30 epochs of batch 128, clamped to [300, 3600] steps
     assert evaluation.pretrain_schedule(448, cfg) == 300
     assert evaluation.pretrain_schedule(2240, cfg) == 525
     assert evaluation.pretrain_schedule(4480, cfg) == 1050
-    assert evaluation.pretrain_schedule(22402, cfg) == 1200
+    assert evaluation.pretrain_schedule(22402, cfg) == 3600
     fixed = evaluation.TrainConfig(pretrain_epochs=None, pretrain_steps=150)
     assert evaluation.pretrain_schedule(10, fixed) == evaluation.pretrain_schedule(10**6, fixed) == 150
     assert evaluation.pretrain_schedule(10, evaluation.TrainConfig(pretrain_steps=20)) == 20  # floor <= cap

@@ -249,3 +249,77 @@ def test_clustered_heavily_excluded_cluster_uses_its_eligible_members():
     out = select_samples_clustered(build_cluster_layout(a, 2), w, 50, seed=0, excluded=excluded, assignments=a)
     assert not np.isin(out, excluded).any() and np.unique(out).size == 50
     assert set(range(995, 1000)) <= set(out.tolist())  # p of those 5 dominates
+
+
+# --------------------------------------------------------------------------- packed-key sorts
+
+
+@pytest.mark.parametrize("case", ["random", "repeats", "shared_quanta", "one"])
+def test_argsort_times_is_the_stable_argsort(case):
+    rng = np.random.default_rng(7)
+    horizon = 3.0
+    t = {
+        "random": rng.random(5000) * horizon,
+        "repeats": rng.integers(0, 40, 5000) * (horizon / 40),  # exact ties: index order decides
+        # Values closer than one quantum (horizon / 2**50) share a key: exact order restored.
+        "shared_quanta": 1.0 + rng.integers(0, 8, 3000) * 2.0**-52,
+        "one": np.array([0.5]),
+    }[case]
+    np.testing.assert_array_equal(selection._argsort_times(t, horizon), np.argsort(t, kind="stable"))
+
+
+@pytest.mark.parametrize("bound", [50, 2**62])  # packed sort; too wide to pack -> np.unique
+def test_first_occurrences_marks_each_value_once_at_its_first_index(bound):
+    values = np.random.default_rng(8).integers(0, 50, 2000)
+    expected = np.zeros(values.size, bool)
+    expected[np.unique(values, return_index=True)[1]] = True
+    np.testing.assert_array_equal(selection._first_occurrences(values, bound), expected)
+    assert not selection._first_occurrences(np.empty(0, np.int64), 1).size
+
+
+# --------------------------------------------------------------------------- windows and threads
+
+
+# With the real constants a 2-of-6 draw opens one infinite window (every clock at once: the
+# pair test above); these windows expect fewer arrivals than needed, so finite rounds repeat.
+@pytest.mark.parametrize("slack", [-0.5, 0.5])
+def test_short_windows_keep_the_law(monkeypatch, slack):
+    monkeypatch.setattr(selection, "WINDOW_OVERSHOOT_SD", 0.0)
+    monkeypatch.setattr(selection, "WINDOW_MIN_SLACK", slack)
+    a = np.array([0, 0, 1, 1, 1, 2])
+    w = np.array([0.5, 0.3, 0.2])
+    exact = _exact_pairs(compute_sample_probabilities(a, w))
+    layout = build_cluster_layout(a, 3)
+    n_draws = 6000
+    counts: dict = {}
+    for s in range(n_draws):
+        key = tuple(select_samples_clustered(layout, w, 2, seed=s).tolist())
+        counts[key] = counts.get(key, 0) + 1
+    pairs = sorted(exact)
+    observed = np.array([counts.get(q, 0) for q in pairs])
+    assert stats.chisquare(observed, np.array([exact[q] for q in pairs]) * n_draws).pvalue > GOF_ALPHA
+    # A whole permutation takes many short windows: still every sample exactly once.
+    assert sorted(select_samples_clustered(layout, w, 6, seed=1).tolist()) == list(range(6))
+
+
+def test_windows_are_actually_split(monkeypatch):
+    monkeypatch.setattr(selection, "WINDOW_OVERSHOOT_SD", 0.0)
+    monkeypatch.setattr(selection, "WINDOW_MIN_SLACK", -0.5)
+    q = np.full(3, 1 / 6)
+    rates, windows, m = selection._arrival_windows(np.array([2, 3, 1]), q, 2, rng=np.random.default_rng(0))
+    assert len(windows) >= 2 and m.sum() >= 2
+
+
+def test_two_threads_or_one_same_selection(monkeypatch):
+    rng = np.random.default_rng(9)
+    k, n = 20, 200_000
+    a = rng.integers(0, k, n)
+    w = compute_expert_weights(rng.normal(size=k), temperature=0.5)
+    layout = build_cluster_layout(a, k)
+    excluded = np.flatnonzero(rng.random(n) < 0.1)
+    runs = []
+    for threshold in (1, 10**12):
+        monkeypatch.setattr(selection, "THREAD_MIN_BUDGET", threshold)
+        runs.append(select_samples_clustered(layout, w, 50_000, seed=3, excluded=excluded, assignments=a))
+    np.testing.assert_array_equal(*runs)
+    assert np.unique(runs[0]).size == 50_000 and not np.isin(runs[0], excluded).any()
