@@ -301,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--seed", type=int, default=0)
     sel.add_argument("--dataset", action="append", help="only this source domain (repeatable)")
     sel.add_argument("--exclude-file", help="file of sample_ids / sha256 hashes to leave out, one per line")
-    sel.add_argument("--method", default="es-keys", choices=["es-keys", "two-stage", "clustered"],
-                     help="sampler: es-keys (default), two-stage, clustered (O(K+B), for very large indexes)")
+    sel.add_argument("--method", default="auto", choices=["auto", "es-keys", "two-stage", "clustered"],
+                     help="sampler, one law for all: auto (default: clustered, O(K+B), when the index has its "
+                          "cluster layout, else es-keys), es-keys (O(N)), two-stage, clustered")
     sel.add_argument("--out", required=True, help="folder for manifest.parquet/.csv and summary.json")
     sel.add_argument("--presign", type=int, metavar="SECONDS",
                      help="also write urls.csv: presigned GET URLs of the selected corpus objects (corpus on an S3 DVC remote)")

@@ -55,10 +55,10 @@ class SelectRequest(BaseModel):
     datasets: list[str] | None = Field(None, description="Only select from these source domains.")
     exclude: list[str] = Field(default_factory=list, description="sample_ids or sha256 content hashes to leave out.")
     out_name: str | None = Field(None, description="Folder name under the manifests root (default: the selection id).")
-    method: Literal["es-keys", "two-stage", "clustered"] = Field(
-        selection.DEFAULT_SAMPLER,
-        description="Sampler for the draw: es-keys (exact, O(N)), two-stage or clustered (same law, "
-        "O(K + B) with the index's cluster layout; for very large indexes).",
+    method: Literal["auto", "es-keys", "two-stage", "clustered"] = Field(
+        "auto",
+        description="Sampler for the draw, all of one law: clustered (O(K + B) with the index's cluster "
+        "layout), es-keys (O(N)), two-stage; auto: clustered when the index has its layout, else es-keys.",
     )
     presign_expiry_s: int | None = Field(
         None, ge=1, le=7 * 24 * 3600,
@@ -185,8 +185,11 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
     p = selection.compute_sample_probabilities(index.assignments, weights, eligible=mask)
     if budget > int((p > 0).sum()):
         raise NDSError(f"budget {budget} exceeds the {int((p > 0).sum())} samples with non-zero probability: lower it")
+    method = request.method
+    if method == "auto":
+        method = "clustered" if index.layout is not None else selection.DEFAULT_SAMPLER
     t_draw = time.perf_counter()
-    if request.method == "clustered":
+    if method == "clustered":
         if index.layout is None:
             raise NDSError("this index has no cluster layout (built before it existed): rerun compute_weights "
                            "(`nds stage compute_weights`) or use method es-keys")
@@ -195,7 +198,7 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
             excluded=None if mask.all() else np.flatnonzero(~mask), assignments=index.assignments,
         )
     else:
-        picked = selection.select_samples(p, budget, seed=request.seed, method=request.method,
+        picked = selection.select_samples(p, budget, seed=request.seed, method=method,
                                           assignments=index.assignments)
     draw_s = time.perf_counter() - t_draw
     table = manifest.build_manifest(index.catalog, picked, p, index.assignments)
@@ -218,6 +221,7 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
             "n_eligible": n_eligible,
             "n_excluded": n_excluded,
             "expert_weights": [round(float(w), 6) for w in weights],
+            "sampler": method,
             "draw_seconds": round(draw_s, 4),
             **({"presigned_urls": presigned["info"]} if presigned else {}),
         },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -206,3 +207,18 @@ def test_clustered_sampler_through_the_flow_respects_exclusions(tiny_index, clie
     assert not set(picked) & set(excluded)
     again = selections.run_selection(ws, request, out_dir=tmp_path / "again")
     assert again["manifest_sha256"] == summary["manifest_sha256"]
+
+
+def test_default_sampler_is_the_clustered_fast_path_and_es_keys_without_a_layout(tiny_index, client_scores, tmp_path,
+                                                                                monkeypatch):
+    ws, _ = tiny_index
+    summary = selections.run_selection(ws, _request(client_scores, budget=200), out_dir=tmp_path / "auto")
+    assert summary["sampler"] == "clustered" and summary["parameters"]["method"] == "auto"
+    explicit = selections.run_selection(ws, _request(client_scores, budget=200, method="clustered"),
+                                        out_dir=tmp_path / "explicit")
+    assert explicit["manifest_sha256"] == summary["manifest_sha256"]
+    # An index built before layouts existed: auto falls back to es-keys (same law, O(N)).
+    real = selections.load_current_index
+    monkeypatch.setattr(selections, "load_current_index", lambda w: dataclasses.replace(real(w), layout=None))
+    old = selections.run_selection(ws, _request(client_scores, budget=200), out_dir=tmp_path / "old")
+    assert old["sampler"] == "es-keys" and old["rows"] == 200
