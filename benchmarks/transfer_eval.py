@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--seed-list", type=int, nargs="+", help="explicit seeds instead (to split a run, see --merge)")
     p.add_argument("--shots", type=int, default=10)
+    p.add_argument("--strategies", nargs="+", default=list(evaluation.STRATEGIES),
+                   help="a subset, to split a run (e.g. uniform/none do not depend on the index; see --merge)")
     defaults = evaluation.TrainConfig()
     p.add_argument("--pretrain-epochs", type=float, default=defaults.pretrain_epochs,
                    help="passes over the selection (clamped to the step floor/cap); 0: fixed --pretrain-steps")
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         ws = Workspace.from_env(args.root)
         seeds = args.seed_list if args.seed_list else list(range(args.seeds))
         t0 = time.perf_counter()
-        results = evaluation.evaluate(ws, args.tasks, args.budgets, seeds=seeds, shots=args.shots,
+        results = evaluation.evaluate(ws, args.tasks, args.budgets, strategies=args.strategies, seeds=seeds, shots=args.shots,
                                       config=config, temperature=args.temperature, progress=True)
         seconds = time.perf_counter() - t0
     rows = results.to_pylist()

@@ -253,7 +253,6 @@ def _draw_two_stage(p: np.ndarray, budget: int, *, rng: np.random.Generator, ass
             f"from {groups.p_min[c]:.3g} to {groups.p_max[c]:.3g}: use method='es-keys' for these probabilities"
         )
     n_c = groups.counts.sum(axis=0)
-    k = n_c.size
     rates, windows, m_c = _arrival_windows(n_c, groups.p_max, budget, rng=rng)
     slot = _rank_arrivals(rates, windows, budget, rng=rng)
 
@@ -688,7 +687,8 @@ def select_samples_clustered(
     assignments: (N,) int cluster ids, needed only with `excluded` (reads M entries).
     Returns (B,) int64 sample indices in rank order (rank 0 = drawn first).
 
-    Stage 1 (per-rank clusters) is _first_arrivals, exactly as in two-stage. Stage 2 gives
+    Stage 1 (how many arrivals per cluster, then their rank order) is _arrival_windows and
+    _rank_arrivals, exactly as in two-stage; it runs beside stage 2 on a second thread. Stage 2 gives
     cluster c's m_c arrival slots a uniformly random ordered m_c-subset of its eligible members:
     positions j in [0, n_c) are drawn uniformly, discarding repeats and excluded members
     (the sequential form of drawing without replacement, vectorised over clusters in
