@@ -726,6 +726,7 @@ def plot_results(summary: pa.Table, path: Path) -> Path:
         raise NDSError("plotting needs matplotlib: pip install 'matplotlib>=3.8'") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = summary.to_pylist()
     tasks = list(dict.fromkeys(r["task"] for r in rows))
@@ -748,6 +749,9 @@ def plot_results(summary: pa.Table, path: Path) -> Path:
                 ax.axhspan(m[0] - s[0], m[0] + s[0], color=colours[strategy], alpha=0.12)
         ax.set_xscale("log")
         ax.set_xlim(min(budgets) / 1.3, max(budgets) * 1.3)
+        # Ticks at the measured budgets only: log minor labels (2x10^3, 3x10^3, ...) overlap.
+        ax.set_xticks(budgets, [f"{b:,}" for b in budgets], fontsize=8)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(task)
         ax.set_xlabel("pre-training budget (source samples, log)")
         ax.set_ylabel("test accuracy")
