@@ -27,6 +27,7 @@ from nds.errors import NDSError
 log = logging.getLogger(__name__)
 
 WORK_POOL = "nds-process"
+WORK_POOL_TYPE = "process"
 STATE_NAME = "nds-server.json"
 #: A cold first start (database migrations) took ~16 s here; leave room on a busy machine.
 STARTUP_TIMEOUT_S = 120
@@ -110,7 +111,9 @@ def run_prefect(args: list[str], *, env: dict, cwd: Path, timeout_s: float = COM
 
 
 def start_worker(*, env: dict, cwd: Path, log_path: Path, run_once: bool = False) -> subprocess.Popen:
-    args = ["worker", "start", "--pool", WORK_POOL] + (["--run-once"] if run_once else [])
+    # The type is given, not looked up: a worker that starts while the API is briefly unreachable
+    # (a server restart) would otherwise exit instead of polling until it is back.
+    args = ["worker", "start", "--pool", WORK_POOL, "--type", WORK_POOL_TYPE] + (["--run-once"] if run_once else [])
     with open(log_path, "ab") as out:
         return subprocess.Popen(_prefect_cmd(*args), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -156,7 +159,7 @@ def server_up(
     try:
         state["startup_seconds"] = round(wait_healthy(api, timeout_s=startup_timeout_s, proc=server,
                                                       log_path=logs["server"]), 1)
-        run_prefect(["work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"], env=env, cwd=repo_root)
+        run_prefect(["work-pool", "create", WORK_POOL, "--type", WORK_POOL_TYPE, "--overwrite"], env=env, cwd=repo_root)
         names = ["--all"] if deployments is None else [a for n in deployments for a in ("--name", n)]
         run_prefect(["--no-prompt", "deploy", *names], env=env, cwd=repo_root)
         state["deployments"] = deployments or "all"
