@@ -33,6 +33,21 @@ def _exact_pairs(p: np.ndarray) -> dict[tuple[int, int], float]:
     return {(i, j): p[i] * p[j] / (1 - p[i]) for i, j in itertools.permutations(idx.tolist(), 2)}
 
 
+def _assert_pairs_follow_successive_sampling(a, w, *, n_draws=6000, excluded=None):
+    """The first two draws of select_samples_clustered, over n_draws seeds, vs the exact law."""
+    eligible = np.ones(a.size, bool) if excluded is None else ~np.isin(np.arange(a.size), excluded)
+    exact = _exact_pairs(compute_sample_probabilities(a, w, eligible=eligible))
+    layout = build_cluster_layout(a, w.size)
+    counts: dict = {}
+    for s in range(n_draws):
+        key = tuple(select_samples_clustered(layout, w, 2, seed=s, excluded=excluded, assignments=a).tolist())
+        counts[key] = counts.get(key, 0) + 1
+    assert set(counts) <= set(exact)
+    pairs = sorted(exact)
+    observed = np.array([counts.get(q, 0) for q in pairs])
+    assert stats.chisquare(observed, np.array([exact[q] for q in pairs]) * n_draws).pvalue > GOF_ALPHA
+
+
 # --------------------------------------------------------------------------- layout
 
 
@@ -182,21 +197,8 @@ def test_clustered_selection_properties(n, k, data):
 @pytest.mark.parametrize("excluded", [None, np.array([3])])
 def test_clustered_ordered_pairs_match_successive_sampling(excluded):
     # Clusters {0, 1}, {2, 3, 4}, {5}: shared probabilities, one exclusion inside a cluster.
-    a = np.array([0, 0, 1, 1, 1, 2])
-    w = np.array([0.5, 0.3, 0.2])
-    eligible = np.ones(6, bool) if excluded is None else ~np.isin(np.arange(6), excluded)
-    p = compute_sample_probabilities(a, w, eligible=eligible)
-    exact = _exact_pairs(p)
-    layout = build_cluster_layout(a, 3)
-    n_draws = 6000
-    counts: dict = {}
-    for s in range(n_draws):
-        key = tuple(select_samples_clustered(layout, w, 2, seed=s, excluded=excluded, assignments=a).tolist())
-        counts[key] = counts.get(key, 0) + 1
-    assert set(counts) <= set(exact)
-    pairs = sorted(exact)
-    observed = np.array([counts.get(q, 0) for q in pairs])
-    assert stats.chisquare(observed, np.array([exact[q] for q in pairs]) * n_draws).pvalue > GOF_ALPHA
+    _assert_pairs_follow_successive_sampling(np.array([0, 0, 1, 1, 1, 2]), np.array([0.5, 0.3, 0.2]),
+                                             excluded=excluded)
 
 
 def test_clustered_sparse_path_first_draw_and_within_cluster_uniform():
@@ -288,16 +290,8 @@ def test_short_windows_keep_the_law(monkeypatch, slack):
     monkeypatch.setattr(selection, "WINDOW_MIN_SLACK", slack)
     a = np.array([0, 0, 1, 1, 1, 2])
     w = np.array([0.5, 0.3, 0.2])
-    exact = _exact_pairs(compute_sample_probabilities(a, w))
+    _assert_pairs_follow_successive_sampling(a, w)
     layout = build_cluster_layout(a, 3)
-    n_draws = 6000
-    counts: dict = {}
-    for s in range(n_draws):
-        key = tuple(select_samples_clustered(layout, w, 2, seed=s).tolist())
-        counts[key] = counts.get(key, 0) + 1
-    pairs = sorted(exact)
-    observed = np.array([counts.get(q, 0) for q in pairs])
-    assert stats.chisquare(observed, np.array([exact[q] for q in pairs]) * n_draws).pvalue > GOF_ALPHA
     # A whole permutation takes many short windows: still every sample exactly once.
     assert sorted(select_samples_clustered(layout, w, 6, seed=1).tolist()) == list(range(6))
 
