@@ -43,15 +43,72 @@ def assign_kmeans(features: np.ndarray, *, k: int, pca_dim: int = 0, seed: int =
     Clusters are renumbered by decreasing size (ties by first member) so expert ids are stable
     and readable; every cluster is non-empty.
     """
+    _check_kmeans_input(features, k)
+    labels, centroids = _minibatch_kmeans(_prepare(features, pca_dim, seed), k, seed)
+    return _renumber(labels, centroids)
+
+
+def _minibatch_kmeans(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.cluster import MiniBatchKMeans
 
+    km = MiniBatchKMeans(
+        n_clusters=k, random_state=seed, batch_size=min(KMEANS_BATCH, len(x)), n_init=3, max_iter=200
+    ).fit(x)
+    return km.predict(x), km.cluster_centers_.astype(np.float32)
+
+
+def allocate_clusters(group_sizes: np.ndarray, k: int) -> np.ndarray:
+    """Split `k` clusters over groups in proportion to their sizes.
+
+    Every non-empty group gets at least one cluster and none more clusters than members; the
+    rest go one at a time to the group furthest below its share k * size / total. Returns
+    (g,) int64 summing to k when 1 <= (non-empty groups) <= k <= (members).
+    """
+    sizes = np.asarray(group_sizes, dtype=np.int64)
+    nonempty = sizes > 0
+    target = min(max(k, int(nonempty.sum())), int(sizes.sum()))
+    quota = k * sizes / max(int(sizes.sum()), 1)
+    alloc = np.minimum(np.where(nonempty, np.maximum(np.floor(quota), 1), 0), sizes).astype(np.int64)
+    while alloc.sum() > target:  # the one-cluster minimum overshot k: take from the best-served
+        room = np.flatnonzero(alloc > 1)
+        alloc[room[np.argmin(quota[room] - alloc[room])]] -= 1
+    while alloc.sum() < target:
+        room = np.flatnonzero(alloc < sizes)
+        alloc[room[np.argmax(quota[room] - alloc[room])]] += 1
+    return alloc
+
+
+def assign_kmeans_within(features: np.ndarray, groups: np.ndarray, *, k: int, pca_dim: int = 0,
+                         seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """k-means inside each group (source dataset), K split over the groups by size.
+
+    No cluster straddles two source datasets, so an expert -- and a selection's weight on it --
+    stays within one domain. Features are normalised and PCA-reduced once for all groups, so
+    the centroids share one space. Returns (assignments, centroids, the group of each cluster).
+    """
+    groups = np.asarray(groups, dtype=object).astype(str)
+    names, codes = np.unique(groups, return_inverse=True)
+    if k < len(names):
+        raise NDSError(f"cluster.k={k} is below the {len(names)} source datasets; method dataset-kmeans "
+                       f"needs k >= {len(names)} (one cluster per dataset at least)")
     _check_kmeans_input(features, k)
     x = _prepare(features, pca_dim, seed)
-    km = MiniBatchKMeans(
-        n_clusters=k, random_state=seed, batch_size=min(KMEANS_BATCH, len(features)), n_init=3, max_iter=200
-    ).fit(x)
-    labels = km.predict(x)
-    return _renumber(labels, km.cluster_centers_.astype(np.float32))
+    alloc = allocate_clusters(np.bincount(codes, minlength=len(names)), k)
+    labels = np.empty(len(x), dtype=np.int64)
+    centroids, owner = [], []
+    for g, name in enumerate(names):
+        members = np.flatnonzero(codes == g)
+        if alloc[g] == 1:
+            sub, cent = np.zeros(len(members), dtype=np.int64), x[members].mean(0, keepdims=True)
+        else:
+            sub, cent = _minibatch_kmeans(x[members], int(alloc[g]), seed)
+        used, sub = np.unique(sub, return_inverse=True)  # drop clusters k-means left empty
+        labels[members] = len(owner) + sub
+        centroids.append(cent[used])
+        owner.extend([str(name)] * len(used))
+    assignments, cents = _renumber(labels, np.concatenate(centroids).astype(np.float32))
+    first = np.unique(assignments, return_index=True)[1]
+    return assignments, cents, [f"{groups[i]}-kmeans" for i in first]
 
 
 #: faiss k-means: Lloyd iterations, and how many points per centroid it trains on (faiss
@@ -121,6 +178,11 @@ def _kmeans_faiss(features, datasets, labels, p: ClusterParams):
     return a, c, [f"kmeans-{i}" for i in range(len(c))]
 
 
+def _kmeans_within_dataset(features, datasets, labels, p: ClusterParams):
+    a, c, owners = assign_kmeans_within(features, datasets, k=p.k, pca_dim=p.pca_dim, seed=p.seed)
+    return a, c, [f"{o}-{i}" for i, o in enumerate(owners)]
+
+
 def _by_dataset(features, datasets, labels, p: ClusterParams):
     a, names = assign_by_group(datasets)
     return a, None, names
@@ -131,7 +193,8 @@ def _by_label(features, datasets, labels, p: ClusterParams):
     return a, None, names
 
 
-CLUSTERERS: dict[str, ClusterFn] = {"kmeans": _kmeans, "dataset": _by_dataset, "label": _by_label}
+CLUSTERERS: dict[str, ClusterFn] = {"kmeans": _kmeans, "dataset-kmeans": _kmeans_within_dataset,
+                                     "dataset": _by_dataset, "label": _by_label}
 try:  # optional: only offered where faiss-cpu is installed
     import faiss  # noqa: F401
 except ImportError:  # pragma: no cover

@@ -23,7 +23,7 @@ class ExtractParams(_Section):
 
 
 class ClusterParams(_Section):
-    method: Literal["kmeans", "kmeans-faiss", "dataset", "label"] = "kmeans"
+    method: Literal["kmeans", "dataset-kmeans", "kmeans-faiss", "dataset", "label"] = "dataset-kmeans"
     k: int = Field(24, ge=1)
     pca_dim: int = Field(64, ge=0)
     seed: int = 0

@@ -3,7 +3,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nds.clustering import assign_by_group, assign_kmeans, compute_cluster_sizes, compute_nmi
+from nds.clustering import (
+    allocate_clusters,
+    assign_by_group,
+    assign_kmeans,
+    assign_kmeans_within,
+    compute_cluster_sizes,
+    compute_nmi,
+)
 from nds.errors import NDSError
 
 
@@ -51,3 +58,49 @@ def test_group_partition_is_a_partition(groups):
     assert len(names) == len(set(groups))
     assert compute_cluster_sizes(a, len(names)).sum() == len(groups)
     assert (compute_cluster_sizes(a, len(names)) > 0).all()
+
+
+def test_kmeans_within_dataset_never_mixes_datasets_and_splits_k_by_size():
+    x, truth = _blobs(n=90)
+    # Two "datasets" that cut across the feature blobs: plain k-means would mix them.
+    groups = np.where(np.arange(len(x)) % 3 == 0, "small", "big")
+    a, c, owners = assign_kmeans_within(x, groups, k=6, seed=0)
+    sizes = compute_cluster_sizes(a, len(owners))
+    assert len(owners) == 6 and c.shape == (6, 3) and (sizes > 0).all()
+    assert (np.diff(sizes) <= 0).all()  # numbered by size like plain k-means
+    for cluster in range(len(owners)):
+        members = groups[a == cluster]
+        assert set(members) == {owners[cluster].removesuffix("-kmeans")}
+    assert sum(o.startswith("big") for o in owners) == 4  # 60 of 90 samples -> 4 of 6 clusters
+    np.testing.assert_array_equal(a, assign_kmeans_within(x, groups, k=6, seed=0)[0])
+
+
+def test_kmeans_within_dataset_needs_one_cluster_per_dataset():
+    x, _ = _blobs()
+    with pytest.raises(NDSError, match="k >= 3"):
+        assign_kmeans_within(x, np.array(list("abc") * 20), k=2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 50), min_size=1, max_size=8), st.integers(1, 60))
+def test_cluster_allocation_is_proportional_and_feasible(sizes, k):
+    sizes = np.array(sizes)
+    alloc = allocate_clusters(sizes, k)
+    nonempty = sizes > 0
+    assert (alloc[~nonempty] == 0).all() and (alloc[nonempty] >= 1).all()
+    assert (alloc <= sizes).all()
+    assert alloc.sum() == min(max(k, int(nonempty.sum())), int(sizes.sum()))
+    if nonempty.any() and nonempty.sum() <= k <= sizes.sum():
+        quota = k * sizes / sizes.sum()
+        # no group with a share of >= 1 cluster gets more than one cluster above it, and without
+        # one-cluster minimums to pay for, none gets more than one below it either
+        assert (alloc - quota)[quota >= 1].max(initial=0) < 1 + 1e-9
+        if (quota[nonempty] >= 1).all() and (np.ceil(quota) <= sizes).all():
+            assert np.abs(alloc - quota).max() < 1 + 1e-9
+
+
+def test_cluster_allocation_examples():
+    np.testing.assert_array_equal(allocate_clusters(np.array([50, 30, 20]), 10), [5, 3, 2])
+    np.testing.assert_array_equal(allocate_clusters(np.array([55, 30, 15]), 10), [6, 3, 1])  # 5.5 gets the spare
+    np.testing.assert_array_equal(allocate_clusters(np.array([1, 1, 100]), 5), [1, 1, 3])  # minimums come first
+    np.testing.assert_array_equal(allocate_clusters(np.array([1, 0, 100]), 200), [1, 0, 100])  # capped by members

@@ -61,3 +61,33 @@ def test_sharded_extraction_resumes_and_equals_one_pass(tiny_index, tmp_path):
     assert not list((ws.artifacts_dir / pipeline.EXTRACT_CACHE).glob("*.npy")), "cache cleared after success"
     with pytest.raises(NDSError, match="do not cover"):
         pipeline.finish_extract(ws, params, [])
+
+
+def test_dataset_kmeans_stage_keeps_every_cluster_inside_one_dataset(tiny_index, tmp_path):
+    """The default clustering: k-means inside each source dataset, K split over them by size."""
+    import json
+    import shutil
+
+    import numpy as np
+    import yaml
+
+    src, _ = tiny_index
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(src.root, ws.root, ignore=shutil.ignore_patterns("*.duckdb*", ".cache"))
+    params = yaml.safe_load(ws.params_path.read_text())
+    params["cluster"].update(method="dataset-kmeans", k=12)
+    ws.params_path.write_text(yaml.safe_dump(params))
+    summary = pipeline.run_stage("cluster", ws, progress=False)
+    assert summary["method"] == "dataset-kmeans" and summary["k"] == 12
+    mixes = json.loads((ws.stage_dir("cluster") / "clusters.json").read_text())["dataset_mix"]
+    assert all(len(mix) == 1 for mix in mixes)  # no cluster straddles two datasets
+    n_datasets = len({d for mix in mixes for d in mix})
+    assert n_datasets >= 3 and len(mixes) > n_datasets  # some dataset was split by k-means
+    assignments = np.load(ws.stage_dir("cluster") / "assignments.npy")
+    assert np.bincount(assignments, minlength=12).sum() == len(assignments) and assignments.max() == 11
+    # k below the number of datasets: a clear error, and the stage output is left as it was
+    params["cluster"]["k"] = n_datasets - 1
+    ws.params_path.write_text(yaml.safe_dump(params))
+    with pytest.raises(NDSError, match=f"k >= {n_datasets}"):
+        pipeline.run_stage("cluster", ws, progress=False)
+    assert np.array_equal(np.load(ws.stage_dir("cluster") / "assignments.npy"), assignments)
