@@ -1,25 +1,23 @@
 """Transfer evaluation on the workspace's index: nds vs uniform vs all vs none.
 
-The run reported in benchmarks/results/transfer_eval/ (small index c18421e0, 2-core CPU, 3 seeds;
-the default recipe of ``evaluation.TrainConfig``: pre-training 30 epochs clamped to 300..3,600
-steps, fine-tuning 300 steps at lr 1e-2). nds and all were run on this index in two lanes of
-one process at a time (about 70 min wall); uniform and none do not depend on the index (same
-corpus, same recipe: only `all` reaches the 3,600-step cap), so for digits, clothing, letters and
-animals their rows are the previous run's (index e1afd173), and emoji's were run now:
+The run reported in benchmarks/results/transfer_eval/ (small index 3c6bcc5b: dataset-kmeans
+clusters, K = 24; 2-core CPU, 3 seeds; the default recipe of ``evaluation.TrainConfig``:
+pre-training 30 epochs clamped to 300..3,600 steps, fine-tuning 300 steps at lr 1e-2). Only
+nds depends on the index, so nds was run on this index in two lanes of one process at a time
+(about 42 min wall), and the uniform, all and none rows are those of the previous run (index
+c18421e0, same corpus and recipe; results.parquet filtered to those strategies, in /tmp/bench/old):
 
     B="--root . --budgets 0.02 0.05 0.1 0.2 --holdout-budget 0.1"
     T="digits clothing letters animals emoji"
     # lane A
-    .venv/bin/python benchmarks/transfer_eval.py $B --tasks $T --strategies nds all --seed-list 0 --out /tmp/bench/a0
-    .venv/bin/python benchmarks/transfer_eval.py $B --tasks digits clothing letters --strategies nds all --seed-list 2 --out /tmp/bench/a2
-    .venv/bin/python benchmarks/transfer_eval.py $B --tasks emoji --strategies uniform none --seed-list 0 --out /tmp/bench/e0
+    .venv/bin/python benchmarks/transfer_eval.py $B --tasks $T --strategies nds --seed-list 0 --out /tmp/bench/a0
+    .venv/bin/python benchmarks/transfer_eval.py $B --tasks digits clothing letters --strategies nds --seed-list 2 --out /tmp/bench/a2
     # lane B, beside it
-    .venv/bin/python benchmarks/transfer_eval.py $B --tasks $T --strategies nds all --seed-list 1 --out /tmp/bench/b1
-    .venv/bin/python benchmarks/transfer_eval.py $B --tasks animals emoji --strategies nds all --seed-list 2 --out /tmp/bench/b2
-    .venv/bin/python benchmarks/transfer_eval.py $B --tasks emoji --strategies uniform none --seed-list 1 2 --out /tmp/bench/e12
-    # merge (old: the previous run's uniform + none rows for the other four tasks)
-    .venv/bin/python benchmarks/transfer_eval.py --merge /tmp/bench/old /tmp/bench/a0 /tmp/bench/a2 /tmp/bench/e0 \
-        /tmp/bench/b1 /tmp/bench/b2 /tmp/bench/e12 --holdout-budget 0.1
+    .venv/bin/python benchmarks/transfer_eval.py $B --tasks $T --strategies nds --seed-list 1 --out /tmp/bench/b1
+    .venv/bin/python benchmarks/transfer_eval.py $B --tasks animals emoji --strategies nds --seed-list 2 --out /tmp/bench/b2
+    # merge
+    .venv/bin/python benchmarks/transfer_eval.py --merge /tmp/bench/old /tmp/bench/a0 /tmp/bench/a2 /tmp/bench/b1 \
+        /tmp/bench/b2 --holdout-budget 0.1
 
 One process, everything from scratch: ``$B --tasks $T --seeds 3`` (about 2.5 h on 2 cores).
 The old recipe is ``--pretrain-epochs 0 --pretrain-steps 150 --finetune-steps 80 --finetune-lr 0.001``.
