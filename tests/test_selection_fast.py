@@ -194,9 +194,16 @@ def test_clustered_selection_properties(n, k, data):
 # --------------------------------------------------------------------------- draw: law
 
 
+@pytest.mark.parametrize("stage2", ["as-tuned", "all-dense", "all-sparse"])
 @pytest.mark.parametrize("excluded", [None, np.array([3])])
-def test_clustered_ordered_pairs_match_successive_sampling(excluded):
+def test_clustered_ordered_pairs_match_successive_sampling(monkeypatch, excluded, stage2):
     # Clusters {0, 1}, {2, 3, 4}, {5}: shared probabilities, one exclusion inside a cluster.
+    # Both stage-2 paths (partial shuffle; rejection of repeats and exclusions) keep the law.
+    if stage2 == "all-dense":
+        monkeypatch.setattr(selection, "DENSE_SHARE", 0.0)
+    elif stage2 == "all-sparse":
+        monkeypatch.setattr(selection, "DENSE_SHARE", 1.0)
+        monkeypatch.setattr(selection, "EXCLUDED_DENSE_SHARE", 0.0)
     _assert_pairs_follow_successive_sampling(np.array([0, 0, 1, 1, 1, 2]), np.array([0.5, 0.3, 0.2]),
                                              excluded=excluded)
 
@@ -256,21 +263,23 @@ def test_clustered_heavily_excluded_cluster_uses_its_eligible_members():
 # --------------------------------------------------------------------------- packed-key sorts
 
 
-@pytest.mark.parametrize("case", ["random", "repeats", "shared_quanta", "one"])
+@pytest.mark.parametrize("case", ["random", "repeats", "shared_quanta", "exponents", "zeros", "negative", "one"])
 def test_argsort_times_is_the_stable_argsort(case):
     rng = np.random.default_rng(7)
-    horizon = 3.0
     t = {
-        "random": rng.random(5000) * horizon,
-        "repeats": rng.integers(0, 40, 5000) * (horizon / 40),  # exact ties: index order decides
-        # Values closer than one quantum (horizon / 2**50) share a key: exact order restored.
+        "random": rng.random(5000) * 3.0,
+        "repeats": rng.integers(0, 40, 5000) * (3.0 / 40),  # exact ties: index order decides
+        # Values closer than one quantum (2**-40 relative at 3,000 times) share a key: exact order restored.
         "shared_quanta": 1.0 + rng.integers(0, 8, 3000) * 2.0**-52,
+        "exponents": np.exp(rng.uniform(-700, 700, 5000)),  # keys compare across binary exponents
+        "zeros": np.where(rng.random(5000) < 0.1, 0.0, rng.random(5000)),
+        "negative": np.concatenate([rng.random(100), [-0.0, -1e-300]]),  # not produced: falls back
         "one": np.array([0.5]),
     }[case]
-    np.testing.assert_array_equal(selection._argsort_times(t, horizon), np.argsort(t, kind="stable"))
+    np.testing.assert_array_equal(selection._argsort_times(t), np.argsort(t, kind="stable"))
 
 
-@pytest.mark.parametrize("bound", [50, 2**62])  # packed sort; too wide to pack -> np.unique
+@pytest.mark.parametrize("bound", [50, 2**40, 2**62])  # uint32 sort; packed sort; too wide to pack -> np.unique
 def test_first_occurrences_marks_each_value_once_at_its_first_index(bound):
     values = np.random.default_rng(8).integers(0, 50, 2000)
     expected = np.zeros(values.size, bool)
