@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7, 1e8], help="corpus sizes N")
     parser.add_argument("--clusters", nargs="+", type=int, default=[100, 1000], help="K values")
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.1], help="budget as a fraction of N")
-    parser.add_argument("--repeats", type=int, default=3, help="best-of repeats inside each measuring process")
+    parser.add_argument("--repeats", type=int, default=7, help="best-of repeats inside each measuring process")
     parser.add_argument("--baseline-max-n", type=float, default=1e7, help="largest N for numpy choice")
     parser.add_argument("--es-keys-max-n", type=float, default=1e8, help="largest N for the es-keys baseline")
     parser.add_argument("--exactness-seeds", type=int, default=4000)
