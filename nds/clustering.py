@@ -108,7 +108,7 @@ def assign_kmeans_within(features: np.ndarray, groups: np.ndarray, *, k: int, pc
         owner.extend([str(name)] * len(used))
     assignments, cents = _renumber(labels, np.concatenate(centroids).astype(np.float32))
     first = np.unique(assignments, return_index=True)[1]
-    return assignments, cents, [f"{groups[i]}-kmeans" for i in first]
+    return assignments, cents, [str(groups[i]) for i in first]
 
 
 #: faiss k-means: Lloyd iterations, and how many points per centroid it trains on (faiss
@@ -180,7 +180,7 @@ def _kmeans_faiss(features, datasets, labels, p: ClusterParams):
 
 def _kmeans_within_dataset(features, datasets, labels, p: ClusterParams):
     a, c, owners = assign_kmeans_within(features, datasets, k=p.k, pca_dim=p.pca_dim, seed=p.seed)
-    return a, c, [f"{o}-{i}" for i, o in enumerate(owners)]
+    return a, c, [f"{o}-kmeans-{i}" for i, o in enumerate(owners)]
 
 
 def _by_dataset(features, datasets, labels, p: ClusterParams):
