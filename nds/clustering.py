@@ -95,17 +95,16 @@ def assign_kmeans_within(features: np.ndarray, groups: np.ndarray, *, k: int, pc
     x = _prepare(features, pca_dim, seed)
     alloc = allocate_clusters(np.bincount(codes, minlength=len(names)), k)
     labels = np.empty(len(x), dtype=np.int64)
-    centroids, owner = [], []
-    for g, name in enumerate(names):
+    centroids = []
+    for g in range(len(names)):
         members = np.flatnonzero(codes == g)
         if alloc[g] == 1:
             sub, cent = np.zeros(len(members), dtype=np.int64), x[members].mean(0, keepdims=True)
         else:
             sub, cent = _minibatch_kmeans(x[members], int(alloc[g]), seed)
-        used, sub = np.unique(sub, return_inverse=True)  # drop clusters k-means left empty
-        labels[members] = len(owner) + sub
-        centroids.append(cent[used])
-        owner.extend([str(name)] * len(used))
+        labels[members] = sum(len(c) for c in centroids) + sub
+        centroids.append(cent)
+    # _renumber drops any cluster k-means left empty and numbers the rest by size.
     assignments, cents = _renumber(labels, np.concatenate(centroids).astype(np.float32))
     first = np.unique(assignments, return_index=True)[1]
     return assignments, cents, [str(groups[i]) for i in first]

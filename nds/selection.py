@@ -429,14 +429,10 @@ def _argsort_times(t: np.ndarray) -> np.ndarray:
     bits = max(1, (m - 1).bit_length())
     if m < 2 or bits > 36:
         return np.argsort(t, kind="stable")
-    low = np.uint64((1 << bits) - 1)
-    keys = np.bitwise_and(np.ascontiguousarray(t, dtype=np.float64).view(np.uint64), ~low)
-    keys |= _arange_u64(m)
-    keys.sort()
-    if keys[-1] >> np.uint64(63):  # a negative time or -0.0 (not produced here): plain argsort
+    keys, index = _sort_packed(
+        np.bitwise_and(np.ascontiguousarray(t, dtype=np.float64).view(np.uint64), ~np.uint64((1 << bits) - 1)), bits)
+    if keys[-1] >> np.uint64(63 - bits):  # the sign bit: a negative time or -0.0 (not produced here)
         return np.argsort(t, kind="stable")
-    index = np.bitwise_and(keys, low).view(np.int64)  # < 2**36: the same number as int64
-    keys >>= np.uint64(bits)
     shared = keys[1:] == keys[:-1]
     if shared.any():
         at = np.flatnonzero(np.concatenate([shared, [False]]) | np.concatenate([[False], shared]))
@@ -469,25 +465,29 @@ def _first_occurrences(values: np.ndarray, bound: int) -> np.ndarray:
     Repeats are rare here (uniform draws from clusters much larger than the draws), so the
     values alone are sorted -- as uint32 when bound allows, twice as fast as uint64 -- to find
     the repeated ones; only the draws carrying a repeated value (found through a bool table
-    over [0, max repeated value]) are ordered exactly. Wider values: one packed-key sort
-    (value high, index low) like _argsort_times'.
+    over [0, max repeated value]) are ordered exactly (_first_occurrences_exact).
     """
-    m = values.size
-    if bound <= 2**32:
-        first = np.ones(m, dtype=bool)
-        if m < 2:
-            return first
-        ordered = values.astype(np.uint32)
-        ordered.sort()
-        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-        del ordered
-        if repeated.size:
-            table = np.zeros(int(repeated.max()) + 2, dtype=bool)  # last cell False: clip lands there
-            table[repeated] = True
-            at = np.flatnonzero(np.take(table, values, mode="clip"))
-            first[at] = False
-            first[at[_first_occurrences(values[at], 2**33)]] = True  # the packed sort below
+    if bound > 2**32:
+        return _first_occurrences_exact(values, bound)
+    first = np.ones(values.size, dtype=bool)
+    if values.size < 2:
         return first
+    ordered = values.astype(np.uint32)
+    ordered.sort()
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    del ordered
+    if repeated.size:
+        table = np.zeros(int(repeated.max()) + 2, dtype=bool)  # last cell False: clip lands there
+        table[repeated] = True
+        at = np.flatnonzero(np.take(table, values, mode="clip"))
+        first[at] = False
+        first[at[_first_occurrences_exact(values[at], bound)]] = True
+    return first
+
+
+def _first_occurrences_exact(values: np.ndarray, bound: int) -> np.ndarray:
+    """_first_occurrences by one packed-key sort (value high, index low), like _argsort_times'."""
+    m = values.size
     bits = max(1, (m - 1).bit_length())
     first = np.zeros(m, dtype=bool)
     if m == 0:
@@ -497,15 +497,24 @@ def _first_occurrences(values: np.ndarray, bound: int) -> np.ndarray:
         return first
     keys = values.astype(np.uint64)
     keys <<= np.uint64(bits)
-    keys |= _arange_u64(m)
-    keys.sort()
-    index = np.bitwise_and(keys, np.uint64((1 << bits) - 1)).view(np.int64)
-    keys >>= np.uint64(bits)
+    value, index = _sort_packed(keys, bits)
     lead = np.empty(m, dtype=bool)
     lead[0] = True
-    np.not_equal(keys[1:], keys[:-1], out=lead[1:])
+    np.not_equal(value[1:], value[:-1], out=lead[1:])
     first[index[lead]] = True
     return first
+
+
+def _sort_packed(keys: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sort uint64 `keys` whose low `bits` bits are 0, ties by index: one SIMD integer sort.
+
+    The index rides in the low bits; in place. Returns (keys >> bits, sorted; (M,) int64 index of each).
+    """
+    keys |= _arange_u64(keys.size)
+    keys.sort()
+    index = np.bitwise_and(keys, np.uint64((1 << bits) - 1)).view(np.int64)  # < 2**bits: same number
+    keys >>= np.uint64(bits)
+    return keys, index
 
 
 def _window_width(remaining: np.ndarray, rates: np.ndarray, target: float) -> float:
