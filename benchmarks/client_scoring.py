@@ -25,8 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nds import experts, scoring
-from nds.client import ClientData
+from nds.models import experts
+
+from nds.client import scoring
+from nds.client.images import ClientData
 
 RESULTS = Path(__file__).resolve().parent / "results" / "client_scoring.json"
 TARGET_S = 60.0

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from nds import selection
-from nds.client import load_client_images
+from nds.select import sampling as selection
+from nds.client.images import load_client_images
 from nds.config import Workspace
-from nds.scoring import score_experts
-from nds.selections import load_current_index
-from nds.targets import export_holdout
+from nds.client.scoring import score_experts
+from nds.select.service import load_current_index
+from nds.corpus.holdout import export_holdout
 
 
 def main() -> None:

@@ -18,9 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from nds import experts
-
-
+from nds.models import experts
 def pooled_baseline() -> nn.Module:
     def block(cin, cout):
         return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))

@@ -48,7 +48,7 @@ def _batches(n: int, batch: int):
 def _stand_in():
     import torch.nn as nn
 
-    from nds.features import Extractor
+    from nds.models.extractors import Extractor
 
     net = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 64, 3, stride=2, padding=1),
                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
@@ -59,7 +59,7 @@ def _stream(n: int, folder: Path) -> dict:
     """compute_features with the stand-in extractor: throughput and peak RSS."""
     import torch  # noqa: F401  (import before the baseline RSS reading)
 
-    from nds.features import compute_features
+    from nds.models.extractors import compute_features
 
     extractor = _stand_in()
     extractor(np.zeros((2, 32, 32, 3), np.uint8))
@@ -75,7 +75,7 @@ def _real(n: int, folder: Path, batch: int) -> dict:
     """EfficientNet-Lite0 at 64 px: raw forward vs the full compute_features pipeline."""
     import torch
 
-    from nds.features import _to_tensor, compute_features, load_extractor
+    from nds.models.extractors import _to_tensor, compute_features, load_extractor
     from nds.params import ExtractParams
 
     extractor = load_extractor(ExtractParams(image_size=64))
@@ -97,7 +97,7 @@ def _real(n: int, folder: Path, batch: int) -> dict:
 
 
 def _weights(n: int, k: int) -> dict:
-    from nds.weights import compute_weights
+    from nds.index.weights import compute_weights
 
     a = np.random.default_rng(0).integers(0, k, n).astype(np.int32)
     before = _rss_mb()

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nds import clustering
-
+from nds.index import cluster as clustering
 RESULTS = Path(__file__).resolve().parent / "results" / "kmeans_scale.json"
 INERTIA_CHUNK = 65536
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nds.selection import SAMPLERS, compute_expert_weights, compute_sample_probabilities, select_samples
+from nds.select.sampling import SAMPLERS, compute_expert_weights, compute_sample_probabilities, select_samples
 
 RESULTS = Path(__file__).resolve().parent / "results" / "selection_draw.json"
 # numpy's choice(replace=False, p=...) took 11.8 s for 1% of 1e7; beyond that it is hours.

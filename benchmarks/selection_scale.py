@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/selection_scale.py --sizes 1e6 --clusters 100
 
 The weight table (expert int32 + weight float64 per sample) and the cluster layout
-(nds.selection.build_cluster_layout) are written once per (N, K) as .npy files and
+(nds.select.sampling.build_cluster_layout) are written once per (N, K) as .npy files and
 memory-mapped, as the selection flow would read them. Every timed draw runs in a fresh
 subprocess, so its peak RSS (resource.getrusage) is its own. Baselines in the same run:
 es-keys with argpartition (select_samples(method="es-keys") on the (N,) probabilities) and
@@ -40,7 +40,7 @@ def _rss_mb() -> float:
 
 def _setup(n: int, k: int, folder: Path) -> dict:
     """Write the weight table and the cluster layout for (n, k); returns sizes and timings."""
-    from nds.selection import build_cluster_layout, save_cluster_layout
+    from nds.select.sampling import build_cluster_layout, save_cluster_layout
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -68,7 +68,7 @@ def _setup(n: int, k: int, folder: Path) -> dict:
 
 def _measure(method: str, n: int, k: int, budget: int, folder: Path, repeats: int) -> dict:
     """One configuration, in its own process: best-of draw time and peak RSS."""
-    from nds.selection import (
+    from nds.select.sampling import (
         compute_expert_weights,
         compute_sample_probabilities,
         load_cluster_layout,
@@ -115,7 +115,7 @@ def _exactness(seeds: int) -> dict:
     """Small-case law checks: p-values (a pass is > 1e-3)."""
     from scipy import stats
 
-    from nds.selection import (
+    from nds.select.sampling import (
         build_cluster_layout,
         compute_expert_weights,
         compute_sample_probabilities,
@@ -209,7 +209,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": "selection_scale",
-        "ours": "nds.selection.select_samples_clustered on a memory-mapped cluster layout",
+        "ours": "nds.select.sampling.select_samples_clustered on a memory-mapped cluster layout",
         "baselines": ["select_samples(method='es-keys') on (N,) probabilities",
                       "numpy.random.Generator.choice(N, B, replace=False, p=p)"],
         "python": platform.python_version(), "numpy": np.__version__, "machine": platform.machine(),

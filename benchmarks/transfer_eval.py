@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from nds import evaluation
+from nds.evaluate import runner as evaluation
 from nds.config import Workspace
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 from prefect import flow, task
 
 from flows._common import workspace_and_params
-from nds import pipeline
-
-
+from nds.index import stages as pipeline
 @task(name="compute-weights")
 def compute_weights_task(root: str | None, stage_seconds: dict | None) -> dict:
     ws, params = workspace_and_params(root)

@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from nds import evaluation
+from nds.evaluate import runner as evaluation
 from nds.config import Workspace
 
 
@@ -38,7 +38,7 @@ def record(results, root: str | None, evaluation_id: str, index_version: str, pa
 
 @flow(name="evaluate")
 def evaluate(request: evaluation.EvaluateRequest, root: str | None = None, progress: bool = False) -> dict:
-    from nds.selections import load_current_index
+    from nds.select.service import load_current_index
 
     ws = Workspace.from_env(root)
     evaluation_id = evaluation.new_evaluation_id()

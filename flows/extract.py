@@ -5,9 +5,7 @@ from __future__ import annotations
 from prefect import flow, task
 
 from flows._common import task_runner, workspace_and_params
-from nds import pipeline
-
-
+from nds.index import stages as pipeline
 @task(name="plan-extract")
 def plan_extract(root: str | None, shard_batches: int) -> list[tuple[int, int]]:
     ws, params = workspace_and_params(root)

@@ -12,7 +12,9 @@ from flows.cluster import cluster
 from flows.compute_weights import compute_weights
 from flows.extract import extract
 from flows.train_experts import train_experts
-from nds import pipeline, storage, versioning
+from nds.index import stages as pipeline
+from nds.platform import storage
+from nds.platform import dvc as versioning
 from nds.report import index_summary_markdown, render_cluster_montage
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from nds import selections
+from nds.select import service as selections
 from nds.config import Workspace
 from nds.report import selection_summary_markdown
 

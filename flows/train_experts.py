@@ -5,9 +5,7 @@ from __future__ import annotations
 from prefect import flow, task
 
 from flows._common import task_runner, workspace_and_params
-from nds import pipeline
-
-
+from nds.index import stages as pipeline
 @task(name="plan-experts")
 def plan_experts(root: str | None) -> list[int]:
     ws, params = workspace_and_params(root)

@@ -63,7 +63,7 @@ def prefect_server():
 
 @pytest.fixture(scope="session")
 def tiny_corpus_dir(tmp_path_factory) -> Path:
-    from nds.corpus import build_corpus
+    from nds.corpus.build import build_corpus
 
     ws = Workspace(tmp_path_factory.mktemp("tiny-corpus"))
     build_corpus(ws, "tiny", progress=False)
@@ -75,7 +75,7 @@ def tiny_index(tmp_path_factory, tiny_corpus_dir, prefect_server):
     """A workspace with the tiny corpus, indexed by `nds index` (the Prefect `index` flow)."""
     import json
 
-    from nds.cli import main
+    from flows.cli import main
 
     ws = make_workspace(tmp_path_factory.mktemp("tiny-index"))
     shutil.copytree(tiny_corpus_dir, ws.data_dir)

@@ -16,7 +16,11 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from nds import client, corpus, experts
+from nds.client import images as client
+
+from nds.corpus import build as corpus
+
+from nds.models import experts
 from nds.errors import NDSError
 
 SHA_A = "a" * 64

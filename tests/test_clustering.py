@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nds.clustering import (
+from nds.index.cluster import (
     allocate_clusters,
     assign_by_group,
     assign_kmeans,

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nds.config import IMAGE_SIZE, Workspace
-from nds.corpus import (
+from nds.corpus.build import (
     CATALOG_COLUMNS,
     DATASETS,
     PROFILES,
@@ -26,7 +26,7 @@ from nds.corpus import (
     select_keys,
 )
 from nds.errors import NDSError
-from nds.sources import FASHION_CLASSES, SOURCES
+from nds.corpus.sources import FASHION_CLASSES, SOURCES
 
 REPO_SOURCES = Path(__file__).resolve().parents[1] / ".sources"
 

@@ -6,7 +6,7 @@ import sys
 
 import yaml
 
-from nds import versioning
+from nds.platform import dvc as versioning
 from nds.config import Workspace
 
 
@@ -53,6 +53,6 @@ def test_push_and_pull_through_a_local_remote(tiny_index, tmp_path):
     shutil.rmtree(ws.root / "artifacts" / "experts")
     shutil.rmtree(ws.root / ".dvc" / "cache")
     _dvc(ws, "pull")
-    from nds.experts import load_bundle
+    from nds.models.experts import load_bundle
 
     assert load_bundle(ws.stage_dir("experts"))["k"] == 7

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nds import evaluation
+from nds.evaluate import runner as evaluation
 from nds.errors import NDSError
 
 # --------------------------------------------------------------------------- fit + inverse
@@ -154,8 +154,7 @@ def quick_run(tiny_index, tmp_path_factory):
 
 
 def test_quick_flow_writes_table_plot_and_warehouse_rows(quick_run):
-    from nds import warehouse
-
+    from nds.platform import warehouse
     ws, summary = quick_run
     results = pq.read_table(summary["paths"]["results"]).to_pylist()
     # 2 budgets x (nds, uniform) + all + none, one task, one seed
@@ -178,7 +177,7 @@ def test_quick_flow_writes_table_plot_and_warehouse_rows(quick_run):
 
 
 def test_quick_flow_nds_selects_the_target_domain(quick_run):
-    from nds.selections import load_current_index
+    from nds.select.service import load_current_index
 
     ws, summary = quick_run
     results = pq.read_table(summary["paths"]["results"]).to_pylist()
@@ -192,7 +191,7 @@ def test_quick_flow_nds_selects_the_target_domain(quick_run):
 
 
 def test_cli_answers_target_accuracy_from_a_finished_run(quick_run, capsys):
-    from nds.cli import main
+    from flows.cli import main
 
     _, summary = quick_run
     assert main(["-q", "evaluate", "--from", summary["out_dir"], "--target-accuracy", "0.99"]) == 0

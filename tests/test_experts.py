@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from nds import experts
+from nds.models import experts
 from nds.errors import NDSError
 
 

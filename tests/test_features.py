@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from nds import features
+from nds.models import extractors as features
 from nds.errors import NDSError
 from nds.params import ExtractParams
 

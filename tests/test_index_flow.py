@@ -4,8 +4,10 @@
 import duckdb
 import numpy as np
 
-from nds import experts, pipeline
-from nds.corpus import load_catalog
+from nds.models import experts
+
+from nds.index import stages as pipeline
+from nds.corpus.build import load_catalog
 
 
 def test_index_summary(tiny_index):

@@ -9,10 +9,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from nds import manifest as manifest_mod
+from nds.formats import manifest as manifest_mod
 from nds.errors import NDSError
-from nds.manifest import MANIFEST_COLUMNS, build_manifest, load_manifest, write_manifest
-from nds.selection import compute_expert_weights, compute_sample_probabilities, select_samples
+from nds.formats.manifest import MANIFEST_COLUMNS, build_manifest, load_manifest, write_manifest
+from nds.select.sampling import compute_expert_weights, compute_sample_probabilities, select_samples
 
 EXTRA = {"index_version": "v-test", "parameters": {"temperature": 0.5, "budget": 4, "seed": 7}}
 

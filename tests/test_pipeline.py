@@ -1,6 +1,6 @@
 import pytest
 
-from nds import pipeline
+from nds.index import stages as pipeline
 from nds.config import Workspace
 from nds.errors import NDSError
 

@@ -21,7 +21,7 @@ def test_every_entrypoint_imports():
 
 def test_index_schedule_comes_from_params_and_ships_inactive():
     from nds.params import load_params
-    from nds.server import schedule_env
+    from nds.platform.prefect_server import schedule_env
 
     doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
     index = next(d for d in doc["deployments"] if d["name"] == "index")

@@ -12,8 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from nds import client, experts, scoring
-from nds.client import ClientData
+from nds.client import images as client
+
+from nds.models import experts
+
+from nds.client import scoring
+from nds.client.images import ClientData
 from nds.errors import NDSError
 
 # --------------------------------------------------------------------------- synthetic data
@@ -182,7 +186,7 @@ def test_logme_prefers_features_that_explain_the_labels():
 
 def _holdout_client_folder(ws, dataset: str, folder: Path, per_class: int = 10) -> dict[str, str]:
     """The hold-out images of one domain as a PNG ImageFolder; returns path -> catalog sha256."""
-    from nds.corpus import load_catalog, load_images
+    from nds.corpus.build import load_catalog, load_images
 
     cat = load_catalog(ws.data_dir, split="holdout").to_pylist()
     rows = sorted((r for r in cat if r["dataset"] == dataset), key=lambda r: r["sample_id"])

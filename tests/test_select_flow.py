@@ -12,13 +12,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from nds import selections
-from nds.cli import main as nds_main
-from nds.client import compute_image_hashes, load_client_images, write_scores
-from nds.corpus import load_catalog, load_images
+from nds.select import service as selections
+from flows.cli import main as nds_main
+from nds.client.images import compute_image_hashes, load_client_images, write_scores
+from nds.corpus.build import load_catalog, load_images
 from nds.errors import NDSError
-from nds.scoring import score_experts
-from nds.targets import export_holdout
+from nds.client.scoring import score_experts
+from nds.corpus.holdout import export_holdout
 
 DOMAIN = "mnist"
 

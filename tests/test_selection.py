@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from nds.errors import NDSError
-from nds.selection import (
+from nds.select.sampling import (
     DEFAULT_SAMPLER,
     SAMPLERS,
     compute_expert_weights,
@@ -367,8 +367,7 @@ def test_two_stage_many_windows_large_budget():
 
 def test_two_stage_grouping_across_blocks(monkeypatch):
     # Small blocks exercise the block bookkeeping with many blocks and ineligible gaps.
-    from nds import selection
-
+    from nds.select import sampling as selection
     monkeypatch.setattr(selection, "GROUP_BLOCK", 16)
     rng = np.random.default_rng(0)
     a = rng.integers(0, 9, 1000)

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-import nds.selection as selection
+import nds.select.sampling as selection
 from nds.errors import NDSError
-from nds.selection import (
+from nds.select.sampling import (
     build_cluster_layout,
     compute_expert_weights,
     compute_member_probabilities,

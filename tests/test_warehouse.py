@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from nds import warehouse
+from nds.platform import warehouse
 from nds.errors import NDSError
 
 

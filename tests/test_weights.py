@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nds.errors import NDSError
-from nds.weights import compute_inverse_cluster_size, compute_weights
+from nds.index.weights import compute_inverse_cluster_size, compute_weights
 
 
 def test_tiny_exact_case():

@@ -10,8 +10,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from nds import corpus, pipeline, selections
-from nds.cli import main as nds_main
+from nds.corpus import build as corpus
+
+from nds.index import stages as pipeline
+
+from nds.select import service as selections
+from flows.cli import main as nds_main
 from nds.config import Workspace
 from nds.errors import NDSError
 from nds.params import load_params
@@ -74,8 +78,8 @@ def test_extract_selection_and_download_from_an_s3_corpus(published, tmp_path, m
                      "--out", str(tmp_path / "images")]) == 0
     from PIL import Image
 
-    from nds.export import safe_name
-    from nds.manifest import load_manifest
+    from nds.client.download import safe_name
+    from nds.formats.manifest import load_manifest
 
     m = load_manifest(tmp_path / "sel")
     by_id = {s: i for i, s in enumerate(before.column("sample_id").to_pylist())}

@@ -12,9 +12,7 @@ import shutil
 
 import yaml
 
-from nds import experts
-
-
+from nds.models import experts
 def _copy_without_experts(src, dst):
     # No trained experts and no resume cache: every expert is trained again.
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("experts", ".cache", "*.duckdb*"))

@@ -11,13 +11,19 @@ import sys
 import numpy as np
 import pytest
 
-from nds import experts, selections, storage, warehouse
-from nds.cli import main as nds_main
-from nds.client import write_scores
+from nds.models import experts
+
+from nds.select import service as selections
+
+from nds.platform import storage
+
+from nds.platform import warehouse
+from flows.cli import main as nds_main
+from nds.client.images import write_scores
 from nds.config import Workspace
-from nds.corpus import load_images
+from nds.corpus.build import load_images
 from nds.errors import NDSError
-from nds.export import parse_uri
+from nds.client.download import parse_uri
 
 from s3fixtures import BUCKET, s3_env, s3_server  # noqa: F401  (fixtures)
 
@@ -104,13 +110,13 @@ def test_presigned_selection_published_and_downloaded(pushed, s3_env, tmp_path, 
     client_ws.mkdir()
     assert nds_main(["--root", str(client_ws), "-q", "client", "download", "--manifest", str(sel),
                      "--out", str(tmp_path / "images")]) == 0
-    from nds.manifest import load_manifest
+    from nds.formats.manifest import load_manifest
     from PIL import Image
 
     m = load_manifest(sel)
     arrays, rows_ = zip(*(parse_uri(u) for u in m.column("uri").to_pylist()))
     expected = load_images(pushed.data_dir, list(arrays), np.asarray(rows_))
-    from nds.export import safe_name
+    from nds.client.download import safe_name
 
     for i in (0, m.num_rows - 1):
         png = tmp_path / "images" / safe_name(m["dataset"][i].as_py()) / safe_name(m["label"][i].as_py()) \

@@ -10,9 +10,13 @@ import time
 
 import pytest
 
-from nds import experts, server, warehouse
-from nds.client import write_scores
-from nds.cli import main as nds_main
+from nds.models import experts
+
+from nds.platform import prefect_server as server
+
+from nds.platform import warehouse
+from nds.client.images import write_scores
+from flows.cli import main as nds_main
 from nds.params import load_params
 
 from conftest import REPO

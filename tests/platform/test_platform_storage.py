@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nds import storage
+from nds.platform import storage
 from nds.errors import NDSError
 
 from s3fixtures import BUCKET, s3_env, s3_server  # noqa: F401  (fixtures)

@@ -24,15 +24,14 @@ TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS / "platform") not in sys.path:  # s3fixtures lives there (no packages under tests/)
     sys.path.insert(0, str(TESTS / "platform"))
 
-from nds import experts  # noqa: E402
-from nds.client import write_scores  # noqa: E402
+from nds.models import experts
+from nds.client.images import write_scores  # noqa: E402
 from nds.config import Workspace  # noqa: E402
 
 
 def copy_workspace(src: Path, dst: Path) -> Workspace:
     """A private copy of an indexed workspace (DuckDB's WAL is transient state, left behind)."""
-    from nds import warehouse
-
+    from nds.platform import warehouse
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.duckdb.wal"), symlinks=True)
     ws = Workspace(Path(dst).resolve())
     # The `selections` view names its folder by absolute path; a writer connection re-renders
@@ -76,7 +75,7 @@ def write_valid_scores(ws: Workspace, path: Path, *, favour: int = 0) -> Path:
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
     """`nds ARGV` in this process: (exit code, stdout, stderr); argparse exits are caught."""
-    from nds.cli import main
+    from flows.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

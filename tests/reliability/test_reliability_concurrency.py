@@ -17,8 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
 
-from nds import manifest, selections, storage, warehouse
+from nds.formats import manifest
 
+from nds.select import service as selections
+
+from nds.platform import storage
+
+from nds.platform import warehouse
 from relhelpers import copy_workspace, write_valid_scores
 
 N_THREADS = 16
@@ -28,7 +33,7 @@ BUDGET = 30
 _CHILD = """
 import json, sys, time
 from pathlib import Path
-from nds import selections
+from nds.select import service as selections
 from nds.config import Workspace
 root, scores, seed, start_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 request = selections.SelectRequest(scores_path=scores, budget={budget}, seed=seed)

@@ -26,7 +26,17 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from nds import client, evaluation, manifest, pipeline, selections, warehouse
+from nds.client import images as client
+
+from nds.evaluate import runner as evaluation
+
+from nds.formats import manifest
+
+from nds.index import stages as pipeline
+
+from nds.select import service as selections
+
+from nds.platform import warehouse
 from nds.config import Workspace
 from nds.errors import NDSError
 
@@ -472,7 +482,7 @@ def test_no_sql_is_built_from_values():
     # the CREATE SECRET clauses of an in-memory connection, which DuckDB cannot take as parameters.
     allowed = {"table", "httpfs_extension_path", "clauses"}
     offenders = []
-    for path in sorted((Path(__file__).resolve().parents[2] / "nds").glob("*.py")):
+    for path in sorted((Path(__file__).resolve().parents[2] / "nds").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("execute", "sql", "query") and node.args:
                 arg = node.args[0]
@@ -480,7 +490,7 @@ def test_no_sql_is_built_from_values():
                     names = {n.id for v in arg.values if isinstance(v, ast.FormattedValue)
                              for n in ast.walk(v.value) if isinstance(n, ast.Name)}
                     if names - allowed:
-                        offenders.append(f"{path.name}:{node.lineno} interpolates {sorted(names - allowed)}")
+                        offenders.append(f"{path}:{node.lineno} interpolates {sorted(names - allowed)}")
     assert not offenders, offenders
 
 

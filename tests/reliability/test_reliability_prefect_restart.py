@@ -14,8 +14,8 @@ import signal
 import subprocess
 import time
 
-from nds import server
-from nds.cli import main as nds_main
+from nds.platform import prefect_server as server
+from flows.cli import main as nds_main
 
 from relhelpers import TESTS, free_port, write_valid_scores
 

@@ -11,13 +11,12 @@ import subprocess
 import sys
 import time
 
-from nds import experts
-
+from nds.models import experts
 from relhelpers import copy_workspace
 
 
 def _stage(root, *extra):
-    return [sys.executable, "-m", "nds.cli", "--root", str(root), "-q", *extra, "stage", "train_experts"]
+    return [sys.executable, "-m", "flows.cli", "--root", str(root), "-q", *extra, "stage", "train_experts"]
 
 
 def test_killed_expert_training_resumes_with_only_the_missing_experts(tiny_index, tmp_path):

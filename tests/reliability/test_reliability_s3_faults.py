@@ -14,8 +14,12 @@ import time
 import boto3
 import pytest
 
-from nds import selections, storage, warehouse
-from nds.client import fetch_experts
+from nds.select import service as selections
+
+from nds.platform import storage
+
+from nds.platform import warehouse
+from nds.client.images import fetch_experts
 from nds.errors import NDSError
 
 from relhelpers import CuttingProxy, copy_workspace, write_valid_scores

@@ -21,9 +21,9 @@ import boto3
 import pyarrow.csv as pacsv
 import pytest
 
-from nds import selections
+from nds.select import service as selections
 from nds.errors import NDSError
-from nds.export import check_not_expired
+from nds.client.download import check_not_expired
 
 from relhelpers import copy_workspace, run_cli, write_valid_scores
 from s3fixtures import BUCKET, s3_server  # noqa: F401  (fixture)

@@ -23,9 +23,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nds import clustering, experts, features, selection, warehouse, weights
+from nds.index import cluster as clustering
+
+from nds.models import experts
+
+from nds.models import extractors as features
+
+from nds.select import sampling as selection
+
+from nds.platform import warehouse
+
+from nds.index import weights
 from nds.config import Workspace
-from nds.corpus import iter_image_batches, load_catalog, load_images_at
+from nds.corpus.build import iter_image_batches, load_catalog, load_images_at
 from nds.errors import NDSError
 from nds.params import Params, load_params
 

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from nds.config import IMAGE_SIZE, Workspace
 from nds.errors import NDSError
-from nds.sources import HOLDOUT, SOURCE, SOURCES, Candidate, rank_key
+from nds.corpus.sources import HOLDOUT, SOURCE, SOURCES, Candidate, rank_key
 
 log = logging.getLogger(__name__)
 
@@ -356,8 +356,7 @@ def _cached_object(data_dir: Path, uri: str) -> Path:
     """The local copy of the corpus object ``s3://bucket/key`` (downloaded on first use)."""
     from urllib.parse import urlparse
 
-    from nds import storage
-
+    from nds.platform import storage
     parsed = urlparse(uri)
     key = parsed.path.lstrip("/")
     path = corpus_cache_dir(data_dir) / parsed.netloc / key
@@ -427,8 +426,7 @@ def publish_corpus(workspace: Workspace, url: str, *, keep_local: bool = True) -
     """
     from urllib.parse import urlparse
 
-    from nds import storage
-
+    from nds.platform import storage
     parsed = urlparse(url)
     if parsed.scheme != "s3" or not parsed.netloc:
         raise NDSError(f"corpus store {url!r} must be an S3 location: s3://bucket/prefix")

@@ -16,8 +16,8 @@ log = logging.getLogger("nds")
 
 
 def _cmd_corpus_build(args) -> int:
-    from nds import corpus, versioning
-
+    from nds.corpus import build as corpus
+    from nds.platform import dvc as versioning
     ws = Workspace.from_env(args.root)
     t0 = time.perf_counter()
     info = corpus.build_corpus(ws, args.profile, progress=not args.quiet)
@@ -32,8 +32,8 @@ def _cmd_corpus_build(args) -> int:
 
 
 def _cmd_corpus_publish(args) -> int:
-    from nds import corpus, versioning
-
+    from nds.corpus import build as corpus
+    from nds.platform import dvc as versioning
     ws = Workspace.from_env(args.root)
     t0 = time.perf_counter()
     info = corpus.publish_corpus(ws, args.url, keep_local=not args.drop_local)
@@ -48,7 +48,7 @@ def _cmd_corpus_publish(args) -> int:
 
 
 def _cmd_corpus_holdout(args) -> int:
-    from nds.targets import export_holdout
+    from nds.corpus.holdout import export_holdout
 
     info = export_holdout(Workspace.from_env(args.root), args.dataset, Path(args.out), per_class=args.per_class,
                           seed=args.seed)
@@ -62,8 +62,9 @@ def _corpus_profile(ws: Workspace) -> str | None:
 
 
 def _cmd_index(args) -> int:
-    from nds import corpus, report, versioning
-
+    from nds import report
+    from nds.corpus import build as corpus
+    from nds.platform import dvc as versioning
     ws = Workspace.from_env(args.root)
     t0 = time.perf_counter()
     if args.rebuild_corpus or _corpus_profile(ws) != args.profile:
@@ -83,16 +84,14 @@ def _cmd_index(args) -> int:
 
 
 def _cmd_stage(args) -> int:
-    from nds import pipeline
-
+    from nds.index import stages as pipeline
     summary = pipeline.run_stage(args.name, Workspace.from_env(args.root), progress=not args.quiet)
     log.info("%s done: %s", args.name, {k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
     return 0
 
 
 def _cmd_status(args) -> int:
-    from nds import warehouse
-
+    from nds.platform import warehouse
     ws = Workspace.from_env(args.root)
     status = warehouse.read_status(ws.warehouse_path)
     if args.json:
@@ -120,7 +119,7 @@ def _cmd_status(args) -> int:
 def _cmd_select(args) -> int:
     from pydantic import ValidationError
 
-    from nds.selections import SelectRequest
+    from nds.select.service import SelectRequest
 
     exclude = []
     if args.exclude_file:
@@ -152,7 +151,7 @@ def _cmd_select(args) -> int:
 
 
 def _cmd_client_fetch(args) -> int:
-    from nds.client import fetch_experts
+    from nds.client.images import fetch_experts
 
     bundle = fetch_experts(args.source, Path(args.out))
     print(f"fetched {bundle['k']} experts of index {bundle['index_version']} into {args.out} (checksums verified)")
@@ -160,8 +159,8 @@ def _cmd_client_fetch(args) -> int:
 
 
 def _cmd_client_score(args) -> int:
-    from nds.client import compute_image_hashes, load_client_images, write_scores
-    from nds.scoring import score_experts
+    from nds.client.images import compute_image_hashes, load_client_images, write_scores
+    from nds.client.scoring import score_experts
 
     data = load_client_images(Path(args.data), progress=not args.quiet)
     if data.n_skipped:
@@ -179,7 +178,7 @@ def _cmd_client_score(args) -> int:
 
 
 def _cmd_client_download(args) -> int:
-    from nds.export import download_manifest
+    from nds.client.download import download_manifest
 
     info = download_manifest(Path(args.manifest), Path(args.out), ws=Workspace.from_env(args.root),
                              progress=not args.quiet)
@@ -191,8 +190,7 @@ def _cmd_client_download(args) -> int:
 def _cmd_evaluate(args) -> int:
     from pydantic import ValidationError
 
-    from nds import evaluation
-
+    from nds.evaluate import runner as evaluation
     if args.from_dir:
         if args.target_accuracy is None:
             raise NDSError("--from needs --target-accuracy (what budget reaches accuracy X?)")
@@ -236,8 +234,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_server_up(args) -> int:
-    from nds import server
-
+    from nds.platform import prefect_server as server
     state = server.server_up(repo_root=Path(args.repo), home=Path(args.home) if args.home else None,
                              host=args.host, port=args.port, deployments=args.deployment,
                              worker=not args.no_worker)
@@ -248,17 +245,16 @@ def _cmd_server_up(args) -> int:
 
 
 def _cmd_server_down(args) -> int:
-    from nds import server
-
+    from nds.platform import prefect_server as server
     result = server.server_down(Path(args.home) if args.home else None)
     print("stopped " + (", ".join(f"{k} ({v})" for k, v in result.items()) if result else "nothing (no state file)"))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nds.corpus import PROFILES
-    from nds.pipeline import STAGES
-    from nds.selections import DEFAULT_TEMPERATURE
+    from nds.corpus.build import PROFILES
+    from nds.index.stages import STAGES
+    from nds.select.service import DEFAULT_TEMPERATURE
 
     p = argparse.ArgumentParser(prog="nds", description="Neural Data Server: find the source data that helps your task.")
     p.add_argument("--root", help="workspace folder (default: $NDS_ROOT or the current directory)")

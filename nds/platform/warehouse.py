@@ -23,7 +23,7 @@ from nds.errors import NDSError
 log = logging.getLogger(__name__)
 
 #: Where the DDL lives: the repository's `warehouse/` folder (shipped beside the package).
-SQL_DIR = Path(__file__).resolve().parents[1] / "warehouse"
+SQL_DIR = Path(__file__).resolve().parents[2] / "warehouse"
 #: Tables holding one index version's rows, deleted and reloaded together.
 VERSIONED_TABLES = ("samples", "clusters", "sample_weights")
 

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from nds import experts
+from nds.models import experts
 from nds.errors import NDSError
 
 if TYPE_CHECKING:
-    from nds.client import ClientData
+    from nds.client.images import ClientData
 
 log = logging.getLogger(__name__)
 

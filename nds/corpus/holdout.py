@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from nds.config import Workspace
-from nds.corpus import load_catalog, load_images
+from nds.corpus.build import load_catalog, load_images
 from nds.errors import NDSError
-from nds.export import image_folder_writer
+from nds.client.download import image_folder_writer
 
 log = logging.getLogger(__name__)
 

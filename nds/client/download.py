@@ -14,9 +14,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from nds.config import Workspace
-from nds.corpus import load_images, split_uri
+from nds.corpus.build import load_images, split_uri
 from nds.errors import NDSError
-from nds.manifest import URLS_NAME, load_manifest
+from nds.formats.manifest import URLS_NAME, load_manifest
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from nds import experts, manifest, selection, warehouse
+from nds.models import experts
+
+from nds.formats import manifest
+
+from nds.select import sampling as selection
+
+from nds.platform import warehouse
 from nds.config import Workspace
 from nds.errors import NDSError
 
@@ -163,7 +169,7 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
     `out_dir` (a trusted local path, from the CLI) overrides `request.out_name`, which is
     resolved inside the manifests root and may not escape it. Nothing is written on bad input.
     """
-    from nds.client import load_scores
+    from nds.client.images import load_scores
 
     t0 = time.perf_counter()
     selection_id = selection_id or new_selection_id()
@@ -253,8 +259,8 @@ def presign_corpus_urls(ws: Workspace, table: pa.Table, expires_s: int) -> dict:
     (`nds corpus publish`), or else the workspace's DVC remote, which must then be on S3 and
     hold the corpus (`dvc push`). Returns {"table": sample_id/rank/url, "info": ...}.
     """
-    from nds import storage
-    from nds.corpus import split_uri
+    from nds.platform import storage
+    from nds.corpus.build import split_uri
 
     parsed = [split_uri(u) for u in table.column("uri").to_pylist()]
     # A corpus published to S3 (`nds corpus publish`) names its objects; otherwise ask DVC
@@ -296,8 +302,7 @@ def publish_manifest(folder: Path, selection_id: str) -> str | None:
 
     summary.json goes last: a reader that finds it finds every file it names.
     """
-    from nds import storage
-
+    from nds.platform import storage
     if not storage.configured_storage_url():
         return None
     store = storage.open_storage()

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nds import experts
+from nds.models import experts
 from nds.config import IMAGE_SIZE
-from nds.corpus import _sha256 as _image_sha256  # one hash function for corpus and client
+from nds.corpus.build import _sha256 as _image_sha256  # one hash function for corpus and client
 from nds.errors import NDSError
 
 log = logging.getLogger(__name__)
@@ -491,7 +491,7 @@ def load_scores(source) -> dict:
     Returns the document with exactly the known keys; raises NDSError naming the file and
     the fix for anything the server cannot trust.
     """
-    from nds.scoring import SCORERS
+    from nds.client.scoring import SCORERS
 
     if isinstance(source, dict):
         where, doc = "scores", source

@@ -150,7 +150,7 @@ def build_target_task(ws: Workspace, name: str, *, shots: int = 10, seed: int = 
     Classes with fewer than ``shots + 1`` held-out images are left out; each class gets at
     most ``test_per_class`` test images. Same seed -> the same split.
     """
-    from nds.corpus import load_catalog, load_images
+    from nds.corpus.build import load_catalog, load_images
 
     if name not in TASKS:
         raise NDSError(f"unknown target task {name!r}; choose one of: {', '.join(TASKS)} "
@@ -189,7 +189,7 @@ def build_target_task(ws: Workspace, name: str, *, shots: int = 10, seed: int = 
 
 def load_target_task(train_dir: Path, test_dir: Path, *, name: str = "custom") -> TargetTask:
     """A user's own target: two labelled ImageFolders (or .npz files) of train and test images."""
-    from nds.client import load_client_images
+    from nds.client.images import load_client_images
 
     train = load_client_images(Path(train_dir), progress=False)
     test = load_client_images(Path(test_dir), progress=False)
@@ -224,8 +224,8 @@ class SourcePool:
 
 
 def load_source_pool(ws: Workspace) -> SourcePool:
-    from nds.corpus import load_images_at
-    from nds.selections import load_current_index
+    from nds.corpus.build import load_images_at
+    from nds.select.service import load_current_index
 
     index = load_current_index(ws)
     images = load_images_at(ws.data_dir, index.catalog.column("uri").to_pylist())
@@ -256,8 +256,8 @@ def resolve_budgets(budgets: Sequence[float], n_source: int) -> list[int]:
 
 def score_task(ws: Workspace, task: TargetTask, *, seed: int = 0, progress: bool = False) -> dict:
     """The client's scores.json content: rotation scores of the expert bundle on the TRAIN images."""
-    from nds.client import SCORES_FORMAT, ClientData, load_scores
-    from nds.scoring import score_experts
+    from nds.client.images import SCORES_FORMAT, ClientData, load_scores
+    from nds.client.scoring import score_experts
 
     data = ClientData(task.train_images, task.train_labels, sorted(set(task.train_labels)), [])
     result = score_experts(ws.stage_dir("experts"), data, mode="rotation", seed=seed, progress=progress)
@@ -281,7 +281,7 @@ def select_for_strategy(ws: Workspace, pool: SourcePool, strategy: str, budget: 
 
 
 def _select_nds(ws, pool, budget, *, seed, scores, temperature, manifest_dir) -> np.ndarray:
-    from nds.selections import DEFAULT_TEMPERATURE, SelectRequest, run_selection
+    from nds.select.service import DEFAULT_TEMPERATURE, SelectRequest, run_selection
 
     if scores is None:
         raise NDSError("strategy 'nds' needs the client's scores (score_task)")
@@ -411,7 +411,7 @@ def pretrain(images: np.ndarray, labels: np.ndarray, *, config: TrainConfig | No
     """
     import torch
 
-    from nds.experts import preprocess
+    from nds.models.experts import preprocess
 
     config = config or TrainConfig()
     if len(images) < 2 or len(images) != len(labels):
@@ -437,7 +437,7 @@ def finetune_and_test(model, train_images: np.ndarray, train_labels: np.ndarray,
     """
     import torch
 
-    from nds.experts import preprocess
+    from nds.models.experts import preprocess
 
     config = config or TrainConfig()
     names, codes = np.unique(np.asarray(train_labels).astype(str), return_inverse=True)
@@ -581,7 +581,7 @@ def evaluate(ws: Workspace, tasks: Sequence[str | TargetTask], budgets: Sequence
     not depend on the task), so several tasks cost less than their sum.
     ``work_dir`` keeps the ``nds`` manifests (default: a temporary folder, removed).
     """
-    from nds.experts import torch_threads
+    from nds.models.experts import torch_threads
 
     with torch_threads(TORCH_THREADS):
         return _evaluate(ws, tasks, budgets, strategies=strategies, seeds=seeds, shots=shots,
@@ -821,7 +821,7 @@ def load_fits(out_dir: Path) -> dict[str, dict[str, LogLinearFit]]:
 def record_evaluation(ws: Workspace, results: pa.Table, *, evaluation_id: str, index_version: str,
                       params: dict) -> int:
     """Insert one row per run into the warehouse ``evaluations`` table (one transaction)."""
-    from nds.warehouse import connect
+    from nds.platform.warehouse import connect
 
     created = datetime.now(timezone.utc).replace(tzinfo=None)
     rows = [[evaluation_id, created, index_version, r["task"], r["domain"], r["strategy"], r["budget"],
