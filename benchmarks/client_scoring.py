@@ -3,13 +3,14 @@
     .venv/bin/python benchmarks/client_scoring.py                        # K = 50, 1,000 images, 1 and 2 threads
     .venv/bin/python benchmarks/client_scoring.py --k 3 --images 64 --modes rotation
 
-Builds a synthetic bundle of K untrained-but-valid experts (nds.experts.build_expert /
-save_expert / write_bundle) in a temp dir and times nds.scoring.score_experts per mode, with
-the images decoded once (a ClientData built in memory, as nds.client.load_client_images
-returns it). Baseline in the same run: a naive per-expert loop of the bare forward passes
-the mode needs (each expert preprocesses and, for "rotation", rotates the images itself, 256
-images = 1,024 rotated inputs per pass: what the scorer did before), without loading or
-probe fitting. ratio = baseline / ours (> 1: ours is faster). Prints a markdown table and
+Builds a synthetic bundle of K untrained-but-valid experts (nds.models.experts.build_expert /
+save_expert, nds.formats.bundle.write_bundle) in a temp dir and times
+nds.client.scoring.score_experts per mode, with the images decoded once (a ClientData built in
+memory, as nds.client.images.load_client_images returns it). Baseline in the same run: a naive
+per-expert loop of the bare forward passes the mode needs (each expert preprocesses and, for
+"rotation", rotates the images itself, 256 images = 1,024 rotated inputs per pass: what the
+scorer did before), without loading or probe fitting. ratio = baseline / ours (> 1: ours is
+faster). Prints a markdown table and
 writes benchmarks/results/client_scoring.json.
 """
 
@@ -25,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nds.models import experts
-
 from nds.client import scoring
 from nds.client.images import ClientData
+from nds.formats.bundle import load_bundle, write_bundle
+from nds.models import experts
 
 RESULTS = Path(__file__).resolve().parent / "results" / "client_scoring.json"
 TARGET_S = 60.0
@@ -43,7 +44,7 @@ def build_bundle(folder: Path, k: int) -> None:
         name = f"expert_{i:03d}.pt"
         sha = experts.save_expert(model, folder / name, meta={"arch": ARCH, "expert": i})
         entries.append({"expert": i, "file": name, "sha256": sha, "n_images": 0})
-    experts.write_bundle(folder, index_version="bench", arch=ARCH, experts=entries)
+    write_bundle(folder, index_version="bench", network=experts.bundle_fields(ARCH), experts=entries)
 
 
 def client_data(n: int, classes: int) -> ClientData:
@@ -55,7 +56,7 @@ def client_data(n: int, classes: int) -> ClientData:
 
 def raw_forward(folder: Path, data: ClientData, mode: str) -> float:
     """Seconds of a naive per-expert loop of forward passes (no loading, no probes)."""
-    bundle = experts.load_bundle(folder, verify=False)
+    bundle = load_bundle(folder, verify=False)
     models = [experts.load_expert(folder / e["file"])[0] for e in bundle["experts"]]
     t0 = time.perf_counter()
     with torch.inference_mode():

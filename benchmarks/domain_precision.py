@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from nds.select import sampling as selection
 from nds.client.images import load_client_images
-from nds.config import Workspace
 from nds.client.scoring import score_experts
-from nds.select.service import load_current_index
+from nds.config import Workspace
 from nds.corpus.holdout import export_holdout
+from nds.select.probability import compute_expert_weights, compute_sample_probabilities, resolve_budget
+from nds.select.samplers import select_samples
+from nds.select.service import load_current_index
 
 
 def main() -> None:
@@ -57,12 +58,12 @@ def main() -> None:
                 res = score_experts(bundle_dir, data, mode=mode, progress=False)
                 score_s = time.perf_counter() - t0
                 for T in args.temperatures:
-                    w = selection.compute_expert_weights(res.scores, temperature=T)
-                    p = selection.compute_sample_probabilities(index.assignments, w)
-                    budget = selection.resolve_budget(args.budget, len(p))
+                    w = compute_expert_weights(res.scores, temperature=T)
+                    p = compute_sample_probabilities(index.assignments, w)
+                    budget = resolve_budget(args.budget, len(p))
                     shares = []
                     for seed in range(args.seeds):
-                        picked = selection.select_samples(p, budget, seed=seed)
+                        picked = select_samples(p, budget, seed=seed)
                         shares.append(float((datasets[picked] == dom).mean()))
                     rows.append({
                         "domain": dom, "mode": mode, "temperature": T, "client_images": info["images"],

@@ -4,14 +4,14 @@
     .venv/bin/python benchmarks/index_scale.py --stream-sizes 2e3 1e4 --real-n 256 --weight-sizes 1e5
 
 Three figures, each configuration in a fresh subprocess so its peak RSS is its own:
-1. nds.features.compute_features over a generator of synthetic uint8 (batch, 32, 32, 3)
+1. nds.models.extractors.compute_features over a generator of synthetic uint8 (batch, 32, 32, 3)
    batches with a cheap stand-in extractor (two strided convolutions), at --stream-sizes:
    peak RSS must stay flat in N apart from the (N, dim) float16 output (memory-mapped).
    Baseline: the same process at the smallest N.
 2. The real EfficientNet-Lite0 (load_extractor(ExtractParams(image_size=64))) at --real-n:
    full compute_features throughput vs the raw model forward on ready tensors in the same
    process (target: pipeline within 1.5x of raw forward).
-3. nds.weights.compute_weights on synthetic assignments at --weight-sizes, against the
+3. nds.index.weights.compute_weights on synthetic assignments at --weight-sizes, against the
    minimal numpy expression (1 / bincount(a))[a].
 Prints a markdown table and writes benchmarks/results/index_scale.json.
 """

@@ -4,9 +4,9 @@
     .venv/bin/python benchmarks/kmeans_scale.py --n 20000 --k 10
 
 Synthetic features: a mixture of `--true-k` Gaussian blobs (so inertia differences mean
-something). Baseline in the same run: nds.clustering.assign_kmeans as the index build
+something). Baseline in the same run: nds.index.cluster.assign_kmeans as the index build
 calls it (MiniBatchKMeans, n_init=3, max_iter=200). Also timed: MiniBatchKMeans with
-n_init=1, and nds.clustering.assign_kmeans_faiss where faiss-cpu is installed. Inertia is
+n_init=1, and nds.index.cluster.assign_kmeans_faiss where faiss-cpu is installed. Inertia is
 measured by one common routine on the same L2-normalised features the clusterers see.
 Prints a markdown table and writes benchmarks/results/kmeans_scale.json.
 """
@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nds.index import cluster as clustering
+from nds._registry import CLUSTERERS
+from nds.index import cluster
+
 RESULTS = Path(__file__).resolve().parent / "results" / "kmeans_scale.json"
 INERTIA_CHUNK = 65536
 
@@ -52,8 +54,8 @@ def inertia(x: np.ndarray, assignments: np.ndarray, k: int) -> float:
 def _minibatch_single(features, *, k, pca_dim=0, seed=0):
     from sklearn.cluster import MiniBatchKMeans
 
-    x = clustering._prepare(features, pca_dim, seed)
-    km = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=clustering.KMEANS_BATCH, n_init=1,
+    x = cluster._prepare(features, pca_dim, seed)
+    km = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=cluster.KMEANS_BATCH, n_init=1,
                          max_iter=200).fit(x)
     return km.predict(x), km.cluster_centers_
 
@@ -68,12 +70,12 @@ def main() -> None:
     args = ap.parse_args()
     n = int(args.n)
     feats = synthetic_features(n, args.dim, args.true_k)
-    prepared = clustering._prepare(feats, 0, 0)  # what every clusterer sees (pca_dim=0)
+    prepared = cluster._prepare(feats, 0, 0)  # what every clusterer sees (pca_dim=0)
 
-    candidates = {"MiniBatchKMeans n_init=3 (nds.assign_kmeans)": clustering.assign_kmeans,
+    candidates = {"MiniBatchKMeans n_init=3 (nds.assign_kmeans)": cluster.assign_kmeans,
                   "MiniBatchKMeans n_init=1": _minibatch_single}
-    if hasattr(clustering, "assign_kmeans_faiss") and "kmeans-faiss" in clustering.CLUSTERERS:
-        candidates["faiss-cpu Kmeans (nds.assign_kmeans_faiss)"] = clustering.assign_kmeans_faiss
+    if hasattr(cluster, "assign_kmeans_faiss") and "kmeans-faiss" in CLUSTERERS:
+        candidates["faiss-cpu Kmeans (nds.assign_kmeans_faiss)"] = cluster.assign_kmeans_faiss
     baseline_name = next(iter(candidates))
     rows = []
     for name, fn in candidates.items():

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nds.select.sampling import SAMPLERS, compute_expert_weights, compute_sample_probabilities, select_samples
+from nds.select.probability import compute_expert_weights, compute_sample_probabilities
+from nds.select.samplers import probability_samplers, select_samples
 
 RESULTS = Path(__file__).resolve().parent / "results" / "selection_draw.json"
 # numpy's choice(replace=False, p=...) took 11.8 s for 1% of 1e7; beyond that it is hours.
@@ -58,7 +59,7 @@ def main() -> None:
                     baseline = _best_of(
                         lambda: np.random.default_rng(1).choice(n, budget, replace=False, p=p), 1
                     )
-                for method in SAMPLERS:
+                for method in probability_samplers():
                     ours = _best_of(
                         lambda: select_samples(p, budget, seed=1, method=method, assignments=assignments),
                         args.repeats,

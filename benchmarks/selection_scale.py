@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/selection_scale.py --sizes 1e6 --clusters 100
 
 The weight table (expert int32 + weight float64 per sample) and the cluster layout
-(nds.select.sampling.build_cluster_layout) are written once per (N, K) as .npy files and
+(nds.index.layout.build_cluster_layout) are written once per (N, K) as .npy files and
 memory-mapped, as the selection flow would read them. Every timed draw runs in a fresh
 subprocess, so its peak RSS (resource.getrusage) is its own. Baselines in the same run:
 es-keys with argpartition (select_samples(method="es-keys") on the (N,) probabilities) and
@@ -40,7 +40,7 @@ def _rss_mb() -> float:
 
 def _setup(n: int, k: int, folder: Path) -> dict:
     """Write the weight table and the cluster layout for (n, k); returns sizes and timings."""
-    from nds.select.sampling import build_cluster_layout, save_cluster_layout
+    from nds.index.layout import build_cluster_layout, save_cluster_layout
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -68,13 +68,10 @@ def _setup(n: int, k: int, folder: Path) -> dict:
 
 def _measure(method: str, n: int, k: int, budget: int, folder: Path, repeats: int) -> dict:
     """One configuration, in its own process: best-of draw time and peak RSS."""
-    from nds.select.sampling import (
-        compute_expert_weights,
-        compute_sample_probabilities,
-        load_cluster_layout,
-        select_samples,
-        select_samples_clustered,
-    )
+    from nds.index.layout import load_cluster_layout
+    from nds.select.probability import compute_expert_weights, compute_sample_probabilities
+    from nds.select.samplers import select_samples
+    from nds.select.samplers.clustered import select_samples_clustered
 
     w = compute_expert_weights(np.random.default_rng(2).normal(size=k), temperature=0.5)
     rss_before = _rss_mb()
@@ -115,13 +112,10 @@ def _exactness(seeds: int) -> dict:
     """Small-case law checks: p-values (a pass is > 1e-3)."""
     from scipy import stats
 
-    from nds.select.sampling import (
-        build_cluster_layout,
-        compute_expert_weights,
-        compute_sample_probabilities,
-        select_samples,
-        select_samples_clustered,
-    )
+    from nds.index.layout import build_cluster_layout
+    from nds.select.probability import compute_expert_weights, compute_sample_probabilities
+    from nds.select.samplers import select_samples
+    from nds.select.samplers.clustered import select_samples_clustered
 
     a = np.array([0, 0, 1, 1, 1, 2])
     w = np.array([0.5, 0.3, 0.2])
@@ -209,7 +203,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": "selection_scale",
-        "ours": "nds.select.sampling.select_samples_clustered on a memory-mapped cluster layout",
+        "ours": "nds.select.samplers.clustered.select_samples_clustered on a memory-mapped cluster layout",
         "baselines": ["select_samples(method='es-keys') on (N,) probabilities",
                       "numpy.random.Generator.choice(N, B, replace=False, p=p)"],
         "python": platform.python_version(), "numpy": np.__version__, "machine": platform.machine(),

@@ -5,11 +5,13 @@ from __future__ import annotations
 from prefect import flow, task
 
 from flows._common import workspace_and_params
-from nds.index import stages as pipeline
+from nds.index.cluster import run_cluster
+
+
 @task(name="assign-clusters")
 def assign_clusters(root: str | None) -> dict:
     ws, params = workspace_and_params(root)
-    return pipeline.run_cluster(ws, params)
+    return run_cluster(ws, params)
 
 
 @flow(name="cluster")

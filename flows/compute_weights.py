@@ -5,11 +5,13 @@ from __future__ import annotations
 from prefect import flow, task
 
 from flows._common import workspace_and_params
-from nds.index import stages as pipeline
+from nds.index.weights import run_compute_weights
+
+
 @task(name="compute-weights")
 def compute_weights_task(root: str | None, stage_seconds: dict | None) -> dict:
     ws, params = workspace_and_params(root)
-    return pipeline.run_compute_weights(ws, params, stage_seconds=stage_seconds)
+    return run_compute_weights(ws, params, stage_seconds=stage_seconds)
 
 
 @flow(name="compute_weights")

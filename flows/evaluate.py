@@ -1,6 +1,6 @@
 """Transfer evaluation: pre-train on each strategy's selection, fine-tune on a target, compare.
 
-Thin orchestration over `nds.evaluation`; its parameter is a pydantic model, so the Prefect
+Thin orchestration over `nds.evaluate`; its parameter is a pydantic model, so the Prefect
 UI shows a validated form.
 """
 
@@ -11,14 +11,18 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from nds.evaluate import runner as evaluation
+import nds.evaluate.outputs
+import nds.evaluate.runner
+from nds._io import new_run_id
 from nds.config import Workspace
+from nds.evaluate.fit import fits_to_dict
+from nds.evaluate.request import EvaluateRequest
 
 
 @task(name="run-transfer-evaluation")
-def run_evaluation(request: evaluation.EvaluateRequest, root: str | None, work_dir: str, progress: bool):
+def run_evaluation(request: EvaluateRequest, root: str | None, work_dir: str, progress: bool):
     ws = Workspace.from_env(root)
-    return evaluation.evaluate(
+    return nds.evaluate.runner.evaluate(
         ws, request.target_tasks(), request.budgets, strategies=request.strategies, seeds=request.seeds,
         shots=request.shots, test_per_class=request.test_per_class, config=request.train,
         temperature=request.temperature, work_dir=Path(work_dir), progress=progress,
@@ -27,21 +31,21 @@ def run_evaluation(request: evaluation.EvaluateRequest, root: str | None, work_d
 
 @task(name="write-evaluation-outputs")
 def write_outputs(results, out_dir: str, meta: dict) -> dict:
-    return evaluation.write_outputs(results, Path(out_dir), meta=meta)
+    return nds.evaluate.outputs.write_outputs(results, Path(out_dir), meta=meta)
 
 
 @task(name="record-evaluation")
 def record(results, root: str | None, evaluation_id: str, index_version: str, params: dict) -> int:
-    return evaluation.record_evaluation(Workspace.from_env(root), results, evaluation_id=evaluation_id,
-                                        index_version=index_version, params=params)
+    return nds.evaluate.outputs.record_evaluation(Workspace.from_env(root), results, evaluation_id=evaluation_id,
+                                                  index_version=index_version, params=params)
 
 
 @flow(name="evaluate")
-def evaluate(request: evaluation.EvaluateRequest, root: str | None = None, progress: bool = False) -> dict:
+def evaluate(request: EvaluateRequest, root: str | None = None, progress: bool = False) -> dict:
     from nds.select.service import load_current_index
 
     ws = Workspace.from_env(root)
-    evaluation_id = evaluation.new_evaluation_id()
+    evaluation_id = new_run_id("eval")
     out_dir = Path(request.out_dir).resolve() if request.out_dir else ws.root / "evaluations" / evaluation_id
     index = load_current_index(ws)
     params = request.model_dump()
@@ -63,5 +67,5 @@ def evaluate(request: evaluation.EvaluateRequest, root: str | None = None, progr
     return {
         "evaluation_id": evaluation_id, "index_version": index.version, "n_source": index.catalog.num_rows,
         "out_dir": str(out_dir), "paths": outputs["paths"], "rows": n_rows, "markdown": outputs["markdown"],
-        "fits": evaluation.fits_to_dict(outputs["fits"]),
+        "fits": fits_to_dict(outputs["fits"]),
     }

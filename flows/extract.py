@@ -5,34 +5,36 @@ from __future__ import annotations
 from prefect import flow, task
 
 from flows._common import task_runner, workspace_and_params
-from nds.index import stages as pipeline
+from nds.index import extract as extract_stage
+
+
 @task(name="plan-extract")
 def plan_extract(root: str | None, shard_batches: int) -> list[tuple[int, int]]:
     ws, params = workspace_and_params(root)
-    return pipeline.plan_extract(ws, params, shard_batches=shard_batches)
+    return extract_stage.plan_extract(ws, params, shard_batches=shard_batches)
 
 
 @task(name="extract-shard", retries=0)
 def extract_shard(root: str | None, start: int, stop: int, progress: bool) -> dict:
     ws, params = workspace_and_params(root)
-    return pipeline.extract_shard(ws, params, start, stop, progress=progress)
+    return extract_stage.extract_shard(ws, params, start, stop, progress=progress)
 
 
 @task(name="finish-extract")
 def finish_extract(root: str | None, shards: list[dict]) -> dict:
     ws, params = workspace_and_params(root)
-    return pipeline.finish_extract(ws, params, shards)
+    return extract_stage.finish_extract(ws, params, shards)
 
 
 @flow(name="extract", log_prints=False)
-def extract(root: str | None = None, progress: bool = False, shard_batches: int = pipeline.SHARD_BATCHES) -> dict:
+def extract(root: str | None = None, progress: bool = False, shard_batches: int = extract_stage.SHARD_BATCHES) -> dict:
     plan = plan_extract(root, shard_batches)
     futures = extract_shard.map(root, [a for a, _ in plan], [b for _, b in plan], progress)
     return finish_extract(root, [f.result() for f in futures])
 
 
 def extract_with_runner(root: str | None = None, progress: bool = False,
-                        shard_batches: int = pipeline.SHARD_BATCHES) -> dict:
+                        shard_batches: int = extract_stage.SHARD_BATCHES) -> dict:
     """The flow with one shard at a time in this process (torch uses every core), or on Dask."""
     return extract.with_options(task_runner=task_runner(1))(root, progress, shard_batches)
 

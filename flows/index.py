@@ -12,16 +12,15 @@ from flows.cluster import cluster
 from flows.compute_weights import compute_weights
 from flows.extract import extract
 from flows.train_experts import train_experts
-from nds.index import stages as pipeline
-from nds.platform import storage
-from nds.platform import dvc as versioning
+from nds._io import write_json
+from nds.platform import dvc, storage
 from nds.report import index_summary_markdown, render_cluster_montage
 
 
 @task(name="dvc-commit")
 def dvc_commit(root: str | None) -> bool:
     ws, _ = workspace_and_params(root)
-    return versioning.commit_outputs(ws)
+    return dvc.commit_outputs(ws)
 
 
 # Pushing moves data over the network: retry transient failures, never the compute.
@@ -32,7 +31,7 @@ def dvc_push(root: str | None) -> str | None:
     remote = storage.default_dvc_remote(ws.root)
     if remote is None:
         return None
-    versioning.push(ws, remote=remote[0])
+    dvc.push(ws, remote=remote[0])
     return remote[1]
 
 
@@ -55,7 +54,7 @@ def cluster_montage(root: str | None) -> str:
 @task(name="write-summary")
 def write_summary(root: str | None, summary: dict) -> None:
     ws, _ = workspace_and_params(root)
-    pipeline.write_json(ws.artifacts_dir / "index_summary.json", summary)
+    write_json(ws.artifacts_dir / "index_summary.json", summary)
 
 
 @flow(name="index")

@@ -8,18 +8,18 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from nds.select import service as selections
 from nds.config import Workspace
 from nds.report import selection_summary_markdown
+from nds.select.service import SelectRequest, run_selection
 
 
 @task(name="select-samples")
-def select_samples(request: selections.SelectRequest, root: str | None, out_dir: str | None) -> dict:
-    return selections.run_selection(Workspace.from_env(root), request, out_dir=out_dir)
+def select_samples(request: SelectRequest, root: str | None, out_dir: str | None) -> dict:
+    return run_selection(Workspace.from_env(root), request, out_dir=out_dir)
 
 
 @flow(name="select")
-def select(request: selections.SelectRequest, root: str | None = None, out_dir: str | None = None) -> dict:
+def select(request: SelectRequest, root: str | None = None, out_dir: str | None = None) -> dict:
     summary = select_samples(request, root, out_dir)
     create_markdown_artifact(
         key="selection-summary",

@@ -5,23 +5,25 @@ from __future__ import annotations
 from prefect import flow, task
 
 from flows._common import task_runner, workspace_and_params
-from nds.index import stages as pipeline
+from nds.index import experts as experts_stage
+
+
 @task(name="plan-experts")
 def plan_experts(root: str | None) -> list[int]:
     ws, params = workspace_and_params(root)
-    return pipeline.plan_experts(ws, params)
+    return experts_stage.plan_experts(ws, params)
 
 
 @task(name="train-expert", retries=0)
 def train_expert(root: str | None, k: int) -> dict:
     ws, params = workspace_and_params(root)
-    return pipeline.train_one_expert(ws, params, k)
+    return experts_stage.train_one_expert(ws, params, k)
 
 
 @task(name="write-bundle")
 def write_bundle(root: str | None, entries: list[dict]) -> dict:
     ws, params = workspace_and_params(root)
-    return pipeline.finish_experts(ws, params, entries)
+    return experts_stage.finish_experts(ws, params, entries)
 
 
 def _workers(root: str | None) -> int:

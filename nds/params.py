@@ -1,14 +1,18 @@
-"""Typed stage parameters, loaded once from `params.yaml` (one section per stage)."""
+"""Typed stage parameters, loaded once from `params.yaml` (one section per stage).
+
+Strategy names (extractor, clustering method, expert architecture, weight scheme) are checked
+against their registries in nds._registry, so adding a strategy is one registration.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from nds.errors import NDSError
+from nds._registry import CLUSTERERS, EXPERT_ARCHS, EXTRACTORS, WEIGHT_SCHEMES
+from nds.errors import InvalidInputError, NotFoundError
 
 
 class _Section(BaseModel):
@@ -21,12 +25,22 @@ class ExtractParams(_Section):
     batch_size: int = Field(128, ge=1, le=8192)
     weights: str | None = None
 
+    @field_validator("extractor")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        return EXTRACTORS.check(value)
+
 
 class ClusterParams(_Section):
-    method: Literal["kmeans", "dataset-kmeans", "kmeans-faiss", "dataset", "label"] = "dataset-kmeans"
+    method: str = "dataset-kmeans"
     k: int = Field(24, ge=1)
     pca_dim: int = Field(64, ge=0)
     seed: int = 0
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        return CLUSTERERS.check(value)
 
 
 class TrainExpertsParams(_Section):
@@ -39,9 +53,19 @@ class TrainExpertsParams(_Section):
     workers: int = Field(2, ge=1)
     seed: int = 0
 
+    @field_validator("arch")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        return EXPERT_ARCHS.check(value)
+
 
 class ComputeWeightsParams(_Section):
-    scheme: Literal["inverse_cluster_size"] = "inverse_cluster_size"
+    scheme: str = "inverse_cluster_size"
+
+    @field_validator("scheme")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        return WEIGHT_SCHEMES.check(value)
 
 
 class ScheduleParams(_Section):
@@ -80,15 +104,15 @@ class Params(_Section):
 
 
 def load_params(path: Path) -> Params:
-    """Read and validate `params.yaml`; a bad key or value is one clear NDSError."""
+    """Read and validate `params.yaml`; a bad key or value is one clear InvalidInputError."""
     if not path.exists():
-        raise NDSError(f"{path} not found: run nds from the workspace root or set NDS_ROOT")
+        raise NotFoundError(f"{path} not found: run nds from the workspace root or set NDS_ROOT")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
         return Params.model_validate(raw)
     except yaml.YAMLError as exc:
-        raise NDSError(f"{path} is not valid YAML: {exc}") from exc
+        raise InvalidInputError(f"{path} is not valid YAML: {exc}") from exc
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise NDSError(f"{path}: {where}: {first['msg']} (fix the value in params.yaml)") from exc
+        raise InvalidInputError(f"{path}: {where}: {first['msg']} (fix the value in params.yaml)") from exc

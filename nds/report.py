@@ -85,8 +85,8 @@ def render_cluster_montage(ws, out_path, *, per_expert: int = 12, seed: int = 0)
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from nds.corpus.build import load_images_at
-    from nds.index.stages import load_assignments, load_index_order
+    from nds.corpus.read import load_images_at
+    from nds.index._artifacts import load_assignments, load_index_order
 
     assignments = load_assignments(ws)
     index = load_index_order(ws)

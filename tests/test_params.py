@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from nds.config import Workspace
-from nds.errors import NDSError
+from nds.errors import InvalidInputError, NDSError
 from nds.params import load_params
 
 
@@ -42,3 +42,29 @@ def test_bad_schedule_is_refused(tmp_path, section, match):
     path.write_text(yaml.safe_dump({"schedule": section}))
     with pytest.raises(NDSError, match=match):
         load_params(path)
+
+
+@pytest.mark.parametrize("section, key, value, match", [
+    ("extract", "extractor", "clip", "unknown extractor 'clip': choose one of efficientnet_lite0"),
+    ("cluster", "method", "spectral", "unknown clustering method 'spectral': choose one of kmeans, dataset-kmeans"),
+    ("train_experts", "arch", "vit", "unknown expert architecture 'vit': choose one of rotnet_small"),
+    ("compute_weights", "scheme", "magic", "unknown weight scheme 'magic': choose one of inverse_cluster_size"),
+])
+def test_strategy_names_are_checked_against_their_registry(tmp_path, section, key, value, match):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({section: {key: value}}))
+    with pytest.raises(InvalidInputError, match=f"{section}.{key}: .*{match}") as err:
+        load_params(path)
+    assert "\n" not in str(err.value)  # one line for the CLI
+
+
+def test_every_registered_strategy_is_accepted(tmp_path):
+    from nds._registry import CLUSTERERS, EXPERT_ARCHS, EXTRACTORS, WEIGHT_SCHEMES
+
+    path = tmp_path / "params.yaml"
+    for section, key, registry in [("extract", "extractor", EXTRACTORS), ("cluster", "method", CLUSTERERS),
+                                   ("train_experts", "arch", EXPERT_ARCHS),
+                                   ("compute_weights", "scheme", WEIGHT_SCHEMES)]:
+        for name in registry.names():
+            path.write_text(yaml.safe_dump({section: {key: name}}))
+            assert getattr(getattr(load_params(path), section), key) == name

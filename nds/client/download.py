@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
-import tempfile
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -13,9 +11,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from nds._io import atomic_dir
 from nds.config import Workspace
-from nds.corpus.build import load_images, split_uri
-from nds.errors import NDSError
+from nds.corpus.read import load_images, split_uri
+from nds.errors import InvalidInputError, StorageError
 from nds.formats.manifest import URLS_NAME, load_manifest
 
 log = logging.getLogger(__name__)
@@ -32,10 +31,6 @@ def safe_name(text: str) -> str:
     return name
 
 
-#: A catalog uri -> (array, row) for load_images: the corpus's own parser, under its old name.
-parse_uri = split_uri
-
-
 def load_url_column(manifest_path: Path, table) -> list[str] | None:
     """The presigned `url` of each manifest row (urls.csv beside the manifest), or None."""
     import pyarrow.csv as pacsv
@@ -49,7 +44,7 @@ def load_url_column(manifest_path: Path, table) -> list[str] | None:
     by_id = dict(zip(urls.column("sample_id").to_pylist(), urls.column("url").to_pylist()))
     missing = [s for s in table.column("sample_id").to_pylist() if s not in by_id]
     if missing:
-        raise NDSError(f"{urls_file} has no url for {len(missing)} manifest rows (e.g. {missing[0]}): select again")
+        raise InvalidInputError(f"{urls_file} has no url for {len(missing)} manifest rows (e.g. {missing[0]}): select again")
     urls = [by_id[s] for s in table.column("sample_id").to_pylist()]
     check_not_expired(urls, urls_file)
     return urls
@@ -67,7 +62,7 @@ def presigned_expiry(url: str) -> datetime | None:
         if "expires" in query:
             return datetime.fromtimestamp(int(query["expires"]), timezone.utc)
     except ValueError as exc:
-        raise NDSError(f"a presigned URL has an unreadable expiry ({exc}): select again with --presign") from exc
+        raise InvalidInputError(f"a presigned URL has an unreadable expiry ({exc}): select again with --presign") from exc
     return None
 
 
@@ -81,7 +76,7 @@ def check_not_expired(urls: list[str], where: Path, *, now: datetime | None = No
     ends = [e for e in (presigned_expiry(u) for u in dict.fromkeys(u.partition("#")[0] for u in urls)) if e]
     expired = [e for e in ends if e <= now]
     if expired:
-        raise NDSError(
+        raise InvalidInputError(
             f"the presigned URLs in {where} expired at {min(expired).isoformat(timespec='seconds')} "
             f"({len(expired)} of {len(ends)} objects): ask for a new selection with `nds select --presign SECONDS`"
         )
@@ -105,13 +100,13 @@ class _UrlImages:
                     raw = resp.read()
             except urllib.error.HTTPError as exc:
                 hint = "the URLs have expired: select again with --presign" if exc.code in (400, 403) else "check the URL"
-                raise NDSError(f"download of a corpus object failed with HTTP {exc.code}: {hint}") from exc
+                raise StorageError(f"download of a corpus object failed with HTTP {exc.code}: {hint}") from exc
             except (urllib.error.URLError, OSError) as exc:
-                raise NDSError(f"cannot reach the corpus store ({exc}): check the network") from exc
+                raise StorageError(f"cannot reach the corpus store ({exc}): check the network") from exc
             try:
                 self._arrays[base] = np.load(io.BytesIO(raw), allow_pickle=False)
             except ValueError as exc:
-                raise NDSError(f"a corpus object is not a .npy image array ({exc})") from exc
+                raise InvalidInputError(f"a corpus object is not a .npy image array ({exc})") from exc
         return self._arrays[base]
 
     def load(self, start: int, stop: int) -> list[np.ndarray]:
@@ -119,10 +114,10 @@ class _UrlImages:
         for url in self.urls[start:stop]:
             base, sep, row = url.rpartition("#")
             if not sep or not row.isdigit():
-                raise NDSError(f"url {url[:80]}... lacks its #row suffix")
+                raise InvalidInputError(f"url {url[:80]}... lacks its #row suffix")
             arr = self._array(base)
             if int(row) >= len(arr):
-                raise NDSError(f"row {row} out of range for a corpus object of {len(arr)} images")
+                raise InvalidInputError(f"row {row} out of range for a corpus object of {len(arr)} images")
             out.append(arr[int(row)])
         return out
 
@@ -135,22 +130,15 @@ def image_folder_writer(out_dir: Path) -> Iterator[Callable[[np.ndarray, tuple[s
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise NDSError(f"{out_dir} is not empty: choose a new folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        raise InvalidInputError(f"{out_dir} is not empty: choose a new folder")
+    with atomic_dir(out_dir) as staging:
 
-    def write(image: np.ndarray, folders: tuple[str, ...], name: str) -> None:
-        folder = staging.joinpath(*(safe_name(f) for f in folders))
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / f"{safe_name(name)}.png")
+        def write(image: np.ndarray, folders: tuple[str, ...], name: str) -> None:
+            folder = staging.joinpath(*(safe_name(f) for f in folders))
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{safe_name(name)}.png")
 
-    try:
         yield write
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def download_manifest(manifest_path: Path, out_dir: Path, *, ws: Workspace, progress: bool = True) -> dict:
@@ -164,7 +152,7 @@ def download_manifest(manifest_path: Path, out_dir: Path, *, ws: Workspace, prog
     table = load_manifest(Path(manifest_path))
     urls = load_url_column(Path(manifest_path), table)
     remote = _UrlImages(urls) if urls is not None else None
-    parsed = [parse_uri(u) for u in table.column("uri").to_pylist()]
+    parsed = [split_uri(u) for u in table.column("uri").to_pylist()]
     arrays = [a for a, _ in parsed]
     rows = np.asarray([r for _, r in parsed], dtype=np.int64)
     datasets = table.column("dataset").to_pylist()

@@ -1,7 +1,7 @@
 """Fast adaptation: score every expert of a bundle on the client's images.
 
 A higher score means "this expert's source data is more relevant to my task". Each scorer
-is one function in ``SCORERS``:
+is one function registered in ``nds._registry.SCORERS``:
 
 - ``linear``: mean stratified cross-validated accuracy of a logistic-regression probe on
   the expert's frozen features (needs labels). The NDS paper's "domain confusion"-free
@@ -12,7 +12,7 @@ is one function in ``SCORERS``:
   Bayesian linear model's marginal likelihood, per class one-hot target, averaged. No
   cross-validation, so cheaper than ``linear``; needs labels.
 
-The images are decoded once (``nds.client.load_client_images``) and, for ``rotation``,
+The images are decoded once (``nds.client.images.load_client_images``) and, for ``rotation``,
 preprocessed and rotated once for all experts; each expert then runs over them in batches
 under ``torch.inference_mode``.
 """
@@ -22,15 +22,16 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from nds._registry import SCORERS
+from nds.errors import InvalidInputError
+from nds.formats.bundle import load_bundle
 from nds.models import experts
-from nds.errors import NDSError
 
 if TYPE_CHECKING:
     from nds.client.images import ClientData
@@ -84,15 +85,15 @@ def compute_features(model, images: np.ndarray, *, batch_size: int = BATCH_SIZE)
 
 
 def _label_codes(labels, mode: str) -> tuple[np.ndarray, list[str]]:
-    """labels: (n,) str or None -> codes (n,) int, class names; NDSError if unusable for ``mode``."""
+    """labels: (n,) str or None -> codes (n,) int, class names; InvalidInputError if unusable for ``mode``."""
     if labels is None:
-        raise NDSError(
+        raise InvalidInputError(
             f"mode {mode!r} needs labelled images: arrange them in one subfolder per class "
             "(or give an .npz with 'labels'), or use --mode rotation, which needs no labels"
         )
     names, codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)
     if len(names) < 2:
-        raise NDSError(
+        raise InvalidInputError(
             f"mode {mode!r} needs at least 2 classes, got only {names.tolist()}; "
             "add images of other classes or use --mode rotation"
         )
@@ -104,7 +105,7 @@ def _n_folds(codes: np.ndarray, names: list[str]) -> int:
     smallest = int(counts.min())
     if smallest < 2:
         lonely = [names[i] for i in np.flatnonzero(counts < 2)]
-        raise NDSError(
+        raise InvalidInputError(
             f"mode 'linear' cross-validates, so every class needs >= 2 images; class(es) {lonely[:5]} "
             "have only one: add images to them, drop them, or use --mode logme / rotation"
         )
@@ -112,8 +113,10 @@ def _n_folds(codes: np.ndarray, names: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------- scorers
+# Each registers as mode -> scorer(model, images (n, 32, 32, 3) uint8, labels (n,) str | None, *, seed) -> float.
 
 
+@SCORERS.register("linear")
 def score_linear(model, images: np.ndarray, labels, *, seed: int = 0) -> float:
     """Mean stratified k-fold accuracy of a logistic-regression probe on frozen features.
 
@@ -151,6 +154,7 @@ def rotated_batches(images: np.ndarray) -> list[tuple[object, object]]:
     return list(experts.rotated_batches(images, batch_size=ROTATION_BATCH))
 
 
+@SCORERS.register("rotation")
 def score_rotation(model, images: np.ndarray, labels=None, *, seed: int = 0, prepared=None) -> float:
     """Share of the four rotations of ``images: (n, 32, 32, 3) uint8`` the expert predicts right.
 
@@ -200,20 +204,13 @@ def compute_logme(features: np.ndarray, codes: np.ndarray) -> float:
     return float(np.mean(evidences))
 
 
+@SCORERS.register("logme")
 def score_logme(model, images: np.ndarray, labels, *, seed: int = 0) -> float:
     """LogME evidence of ``labels: (n,) str`` given the expert's features of ``images``."""
     codes, _ = _label_codes(labels, "logme")
     feats = compute_features(model, images)
     with _one_blas_thread():
         return compute_logme(feats, codes)
-
-
-#: mode -> scorer(model, images (n, 32, 32, 3) uint8, labels (n,) str | None, *, seed) -> float.
-SCORERS: dict[str, Callable[..., float]] = {
-    "linear": score_linear,
-    "rotation": score_rotation,
-    "logme": score_logme,
-}
 
 
 # --------------------------------------------------------------------------- entry point
@@ -230,29 +227,29 @@ def score_experts(
 ) -> ScoreResult:
     """Score every expert in ``bundle_dir`` on the client's images with scorer ``mode``.
 
-    data: ClientData from ``nds.client.load_client_images`` (images (n, 32, 32, 3) uint8).
+    data: ClientData from ``nds.client.images.load_client_images`` (images (n, 32, 32, 3) uint8).
     Returns ScoreResult with scores (K,) in bundle order and the seconds each expert took.
     threads: torch threads while scoring (None: leave torch's setting).
     """
     from tqdm.auto import tqdm
 
     if mode not in SCORERS:
-        raise NDSError(f"unknown scoring mode {mode!r}; choose one of: {', '.join(SCORERS)}")
+        raise InvalidInputError(f"unknown scoring mode {mode!r}; choose one of: {', '.join(SCORERS.names())}")
     scorer = SCORERS[mode]
     images = np.asarray(data.images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (experts.EXPERT_INPUT_SIZE,) * 2 + (3,):
-        raise NDSError(f"client images must be uint8 (n, 32, 32, 3), got {images.dtype} {images.shape}; "
-                       "load them with nds.client.load_client_images")
+        raise InvalidInputError(f"client images must be uint8 (n, 32, 32, 3), got {images.dtype} {images.shape}; "
+                                "load them with nds.client.images.load_client_images")
     if len(images) == 0:
-        raise NDSError("no client images to score; give at least a few images per class")
+        raise InvalidInputError("no client images to score; give at least a few images per class")
     if scorer is not score_rotation:  # fail on the labels before any expert runs
         codes, names = _label_codes(data.labels, mode)
         if scorer is score_linear:
             _n_folds(codes, names)
-    bundle = experts.load_bundle(Path(bundle_dir), verify=True)
+    bundle = load_bundle(Path(bundle_dir), verify=True)
     if bundle.get("input_size") != experts.EXPERT_INPUT_SIZE:
-        raise NDSError(f"bundle input size {bundle.get('input_size')} is not {experts.EXPERT_INPUT_SIZE}; "
-                       "update nds to the version that made the bundle")
+        raise InvalidInputError(f"bundle input size {bundle.get('input_size')} is not {experts.EXPERT_INPUT_SIZE}; "
+                                "update nds to the version that made the bundle")
     # One decoded, preprocessed (and for rotation: rotated) pass of the images for all experts.
     prepared = {"prepared": rotated_batches(images)} if scorer is score_rotation else {}
     scores, seconds = [], []

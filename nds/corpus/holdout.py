@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nds.config import Workspace
-from nds.corpus.build import load_catalog, load_images
-from nds.errors import NDSError
 from nds.client.download import image_folder_writer
+from nds.config import Workspace
+from nds.corpus.read import load_catalog, load_images
+from nds.errors import NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def export_holdout(ws: Workspace, dataset: str, out_dir: Path, *, per_class: int
     ds = np.asarray(cat.column("dataset").to_pylist(), dtype=object)
     known = sorted(set(ds))
     if dataset not in known:
-        raise NDSError(f"no held-out images for dataset {dataset!r}; choose one of {known}")
+        raise NotFoundError(f"no held-out images for dataset {dataset!r}; choose one of {known}")
     idx = np.flatnonzero(ds == dataset)
     labels = np.asarray(cat.column("label").to_pylist(), dtype=object)[idx]
     rng = np.random.default_rng(seed)
@@ -36,7 +36,7 @@ def export_holdout(ws: Workspace, dataset: str, out_dir: Path, *, per_class: int
         chosen.extend(rng.permutation(members)[:per_class].tolist())
     chosen = np.asarray(sorted(chosen))
     if len(chosen) == 0:
-        raise NDSError(f"dataset {dataset!r} has no held-out images in this corpus")
+        raise NotFoundError(f"dataset {dataset!r} has no held-out images in this corpus")
     arrays = cat.column("array").take(chosen).to_pylist()
     rows = np.asarray(cat.column("row").take(chosen).to_pylist(), dtype=np.int64)
     images = load_images(ws.data_dir, arrays, rows)

@@ -8,12 +8,8 @@ or a complete manifest, and a previous selection is never overwritten silently.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,7 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from nds.errors import NDSError
+from nds._io import atomic_dir, file_sha256
+from nds.errors import InvalidInputError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +46,6 @@ _RESERVED_SUMMARY_KEYS = frozenset(
     {"manifest_sha256", "parquet_sha256", "checksum_method", "rows", "columns",
      "counts_per_dataset", "counts_per_expert", "created_at"}
 )
-_HASH_CHUNK = 1 << 20
 
 
 def build_manifest(catalog: pa.Table, indices, probabilities, assignments) -> pa.Table:
@@ -62,22 +58,22 @@ def build_manifest(catalog: pa.Table, indices, probabilities, assignments) -> pa
     """
     missing = [c for c in CATALOG_COLUMNS if c not in catalog.column_names]
     if missing:
-        raise NDSError(f"catalog lacks columns {missing}: rebuild it with the corpus stage")
+        raise InvalidInputError(f"catalog lacks columns {missing}: rebuild it with the corpus stage")
     n = catalog.num_rows
     idx = np.asarray(indices)
     p = np.asarray(probabilities, dtype=np.float64)
     a = np.asarray(assignments)
     if p.shape != (n,) or a.shape != (n,):
-        raise NDSError(
+        raise InvalidInputError(
             f"catalog has {n} rows but probabilities has shape {p.shape} and assignments {a.shape}: "
             "they must describe the same samples (same index version)"
         )
     if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-        raise NDSError(f"indices must be a (B,) integer array, got {idx.dtype} {idx.shape}")
+        raise InvalidInputError(f"indices must be a (B,) integer array, got {idx.dtype} {idx.shape}")
     if idx.size and (idx.min() < 0 or idx.max() >= n):
-        raise NDSError(f"indices must lie in [0, {n}), got range [{idx.min()}, {idx.max()}]")
+        raise InvalidInputError(f"indices must lie in [0, {n}), got range [{idx.min()}, {idx.max()}]")
     if np.unique(idx).size != idx.size:
-        raise NDSError("indices contain duplicates: a selection names each sample once")
+        raise InvalidInputError("indices contain duplicates: a selection names each sample once")
     idx = idx.astype(np.int64, copy=False)
     rows = catalog.select(list(CATALOG_COLUMNS)).take(pa.array(idx))
     return rows.append_column("probability", pa.array(p[idx], type=pa.float64())) \
@@ -103,21 +99,19 @@ def write_manifest(
     Returns the summary dict written to summary.json.
     """
     if tuple(manifest.column_names) != MANIFEST_COLUMNS:
-        raise NDSError(f"manifest columns are {manifest.column_names}, expected {list(MANIFEST_COLUMNS)}")
+        raise InvalidInputError(f"manifest columns are {manifest.column_names}, expected {list(MANIFEST_COLUMNS)}")
     target = checked_out_dir(Path(out_dir), root)
     clash = _RESERVED_SUMMARY_KEYS & set(summary_extra)
     if clash:
-        raise NDSError(f"summary_extra may not set {sorted(clash)}: those are computed by write_manifest")
+        raise InvalidInputError(f"summary_extra may not set {sorted(clash)}: those are computed by write_manifest")
     if target.exists():
         if not target.is_dir():
-            raise NDSError(f"{target} exists and is not a folder: choose another output folder")
+            raise InvalidInputError(f"{target} exists and is not a folder: choose another output folder")
         if any(target.iterdir()) and not overwrite:
-            raise NDSError(
+            raise InvalidInputError(
                 f"{target} already holds a selection: choose a new output folder or pass overwrite=True"
             )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target) as staging:
         pq.write_table(manifest, staging / PARQUET_NAME)
         _write_csv(manifest, staging / CSV_NAME)
         summary = {
@@ -127,19 +121,15 @@ def write_manifest(
             "counts_per_dataset": _value_counts(manifest.column("dataset")),
             "counts_per_expert": _value_counts(manifest.column("expert")),
             "checksum_method": CHECKSUM_METHOD,
-            "manifest_sha256": _sha256(staging / CSV_NAME),
-            "parquet_sha256": _sha256(staging / PARQUET_NAME),
+            "manifest_sha256": file_sha256(staging / CSV_NAME),
+            "parquet_sha256": file_sha256(staging / PARQUET_NAME),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         try:
             text = json.dumps(summary, indent=2, sort_keys=True)
         except (TypeError, ValueError) as exc:
-            raise NDSError(f"summary_extra is not JSON-serialisable: {exc}") from exc
+            raise InvalidInputError(f"summary_extra is not JSON-serialisable: {exc}") from exc
         (staging / SUMMARY_NAME).write_text(text + "\n")
-        _move_into_place(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("wrote manifest %s: %d rows, sha256 %s", target, summary["rows"], summary["manifest_sha256"])
     return summary
 
@@ -153,17 +143,17 @@ def load_manifest(path: Path) -> pa.Table:
     path = Path(path)
     folder, file = (path, path / PARQUET_NAME) if path.is_dir() else (path.parent, path)
     if not file.is_file():
-        raise NDSError(f"no manifest at {path}: expected a folder with {PARQUET_NAME} or a manifest file")
+        raise NotFoundError(f"no manifest at {path}: expected a folder with {PARQUET_NAME} or a manifest file")
     if file.suffix not in (".parquet", ".csv"):
-        raise NDSError(f"{file} is not a manifest: expected a .parquet or .csv file")
+        raise InvalidInputError(f"{file} is not a manifest: expected a .parquet or .csv file")
     summary = _read_summary(folder / SUMMARY_NAME)
     if summary is not None:
         checks = {PARQUET_NAME: "parquet_sha256", CSV_NAME: "manifest_sha256"}
         to_check = [PARQUET_NAME, CSV_NAME] if path.is_dir() else [file.name]
         for name in to_check:
             key = checks.get(name)
-            if key and key in summary and (folder / name).exists() and _sha256(folder / name) != summary[key]:
-                raise NDSError(
+            if key and key in summary and (folder / name).exists() and file_sha256(folder / name) != summary[key]:
+                raise InvalidInputError(
                     f"manifest {folder / name} was modified after it was written "
                     f"(its sha256 no longer matches {SUMMARY_NAME}): regenerate the selection"
                 )
@@ -174,10 +164,10 @@ def load_manifest(path: Path) -> pa.Table:
             types = _column_types(summary)
             table = pacsv.read_csv(file, convert_options=pacsv.ConvertOptions(column_types=types))
     except (pa.ArrowInvalid, OSError) as exc:
-        raise NDSError(f"cannot read manifest {file}: {exc}") from exc
+        raise InvalidInputError(f"cannot read manifest {file}: {exc}") from exc
     missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names]
     if missing:
-        raise NDSError(f"{file} lacks manifest columns {missing}")
+        raise InvalidInputError(f"{file} lacks manifest columns {missing}")
     return table.select(list(MANIFEST_COLUMNS))
 
 
@@ -192,26 +182,14 @@ def checked_out_dir(out_dir: Path, root: Path | None) -> Path:
     if root is None:
         return out_dir
     if ".." in out_dir.parts:
-        raise NDSError(f"output folder {out_dir} contains '..': name a folder inside {root}")
+        raise InvalidInputError(f"output folder {out_dir} contains '..': name a folder inside {root}")
     root_resolved = Path(root).resolve()
     target = (out_dir if out_dir.is_absolute() else root_resolved / out_dir).resolve()
     if target != root_resolved and root_resolved not in target.parents:
-        raise NDSError(f"output folder {out_dir} resolves outside {root}: name a folder inside it")
+        raise InvalidInputError(f"output folder {out_dir} resolves outside {root}: name a folder inside it")
     if target == root_resolved:
-        raise NDSError(f"output folder {out_dir} is the root {root} itself: name a sub-folder")
+        raise InvalidInputError(f"output folder {out_dir} is the root {root} itself: name a sub-folder")
     return target
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    if target.exists() and any(target.iterdir()):
-        # overwrite=True: swap the old folder out, the new one in, then drop the old one.
-        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, retired / "old")
-        os.replace(staging, target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        # rename(2) replaces an empty folder atomically on POSIX.
-        os.replace(staging, target)
 
 
 def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
@@ -220,21 +198,13 @@ def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
     return {str(v): int(n) for v, n in sorted(pairs, key=lambda vn: str(vn[0]))}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read_summary(path: Path) -> dict | None:
     if not path.exists():
         return None
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise NDSError(f"{path} is not valid JSON ({exc}): the manifest folder is damaged") from exc
+        raise InvalidInputError(f"{path} is not valid JSON ({exc}): the manifest folder is damaged") from exc
 
 
 def _column_types(summary: dict | None) -> dict[str, pa.DataType]:

@@ -1,14 +1,24 @@
-"""Split the source into K parts: k-means on features, or the label partitions of the paper."""
+"""Stage `cluster`: split the source into K parts (k-means on features, or the label partitions
+of the paper) and write `artifacts/cluster`.
+
+The methods are registered in nds._registry.CLUSTERERS (params.yaml `cluster.method`).
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
 
-from nds.errors import NDSError
-from nds.params import ClusterParams
+from nds._io import write_json
+from nds._registry import CLUSTERERS
+from nds.config import Workspace
+from nds.errors import InvalidInputError, NDSError
+from nds.index._artifacts import load_index_order, require, stage_output
+from nds.params import ClusterParams, Params
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +40,9 @@ def _prepare(features: np.ndarray, pca_dim: int, seed: int) -> np.ndarray:
 def _check_kmeans_input(features: np.ndarray, k: int) -> None:
     n = len(features)
     if k < 1:
-        raise NDSError(f"cluster.k must be >= 1, got {k}")
+        raise InvalidInputError(f"cluster.k must be >= 1, got {k}")
     if k > n:
-        raise NDSError(f"cluster.k={k} exceeds the {n} source samples; lower cluster.k in params.yaml")
+        raise InvalidInputError(f"cluster.k={k} exceeds the {n} source samples; lower cluster.k in params.yaml")
     if not np.isfinite(features).all():
         raise NDSError("features contain NaN/inf; rerun the extract stage")
 
@@ -89,8 +99,8 @@ def assign_kmeans_within(features: np.ndarray, groups: np.ndarray, *, k: int, pc
     groups = np.asarray(groups, dtype=object).astype(str)
     names, codes = np.unique(groups, return_inverse=True)
     if k < len(names):
-        raise NDSError(f"cluster.k={k} is below the {len(names)} source datasets; method dataset-kmeans "
-                       f"needs k >= {len(names)} (one cluster per dataset at least)")
+        raise InvalidInputError(f"cluster.k={k} is below the {len(names)} source datasets; method dataset-kmeans "
+                                f"needs k >= {len(names)} (one cluster per dataset at least)")
     _check_kmeans_input(features, k)
     x = _prepare(features, pca_dim, seed)
     alloc = allocate_clusters(np.bincount(codes, minlength=len(names)), k)
@@ -192,11 +202,51 @@ def _by_label(features, datasets, labels, p: ClusterParams):
     return a, None, names
 
 
-CLUSTERERS: dict[str, ClusterFn] = {"kmeans": _kmeans, "dataset-kmeans": _kmeans_within_dataset,
-                                     "dataset": _by_dataset, "label": _by_label}
+CLUSTERERS["kmeans"] = _kmeans
+CLUSTERERS["dataset-kmeans"] = _kmeans_within_dataset
+CLUSTERERS["dataset"] = _by_dataset
+CLUSTERERS["label"] = _by_label
 try:  # optional: only offered where faiss-cpu is installed
     import faiss  # noqa: F401
 except ImportError:  # pragma: no cover
     pass
 else:
     CLUSTERERS["kmeans-faiss"] = _kmeans_faiss
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    return np.asarray(table.column(name).to_pylist(), dtype=object)
+
+
+def run_cluster(ws: Workspace, params: Params) -> dict:
+    """Assign each source sample to one of K clusters: `assignments.npy (n,) int32`."""
+    p = params.cluster
+    feats = np.load(require(ws.stage_dir("extract") / "features.npy", "extract"), mmap_mode="r")
+    index = load_index_order(ws)
+    datasets, labels = _column(index, "dataset"), _column(index, "label")
+    t0 = time.perf_counter()
+    fn = CLUSTERERS[p.method]  # unknown names: guarded by params validation, InvalidInputError for direct callers
+    assignments, centroids, names = fn(np.asarray(feats), datasets, labels, p)
+    seconds = time.perf_counter() - t0
+    k = len(names)
+    sizes = compute_cluster_sizes(assignments, k)
+    mix = []
+    for c in range(k):
+        ds, counts = np.unique(datasets[assignments == c].astype(str), return_counts=True)
+        mix.append({str(d): int(n) for d, n in zip(ds, counts)})
+    summary = {
+        "method": p.method,
+        "k": k,
+        "names": names,
+        "sizes": sizes.tolist(),
+        "dataset_mix": mix,
+        "nmi_dataset": round(compute_nmi(assignments, datasets), 4),
+        "seconds": round(seconds, 3),
+    }
+    with stage_output(ws, "cluster") as out:
+        np.save(out / "assignments.npy", assignments.astype(np.int32))
+        if centroids is not None:
+            np.save(out / "centroids.npy", centroids)
+        write_json(out / "clusters.json", summary)
+    log.info("cluster: k=%d, sizes %d..%d, NMI(domain)=%.3f", k, sizes.min(), sizes.max(), summary["nmi_dataset"])
+    return summary

@@ -1,28 +1,30 @@
 """Rotation experts: one small CNN per cluster, trained to predict 0/90/180/270 degrees.
 
-The expert bundle (`experts/` with `expert_XXX.pt` files and `bundle.json`) is what clients
-download: small, self-describing (architecture, input size, preprocessing) and checksummed.
+The network both the server (training) and the client (scoring) run. The expert bundle
+(`experts/` with `expert_XXX.pt` files and `bundle.json`) is what clients download:
+small, self-describing (``bundle_fields``: architecture, input size, preprocessing) and
+checksummed; the document itself lives in ``nds.formats.bundle``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import logging
-import os
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
-from nds.errors import NDSError
+from nds._io import file_sha256, write_bytes
+from nds._registry import EXPERT_ARCHS
+from nds.errors import InvalidInputError, NotFoundError
 
 log = logging.getLogger(__name__)
 
-BUNDLE_FORMAT = 1
 _INIT_LOCK = threading.Lock()
 N_ROTATIONS = 4
 #: Experts see the corpus at its stored size; no resize keeps client and server identical.
@@ -31,6 +33,7 @@ EXPERT_INPUT_SIZE = 32
 PREPROCESSING = {"scale": 1 / 255.0, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "layout": "NCHW RGB"}
 
 
+@EXPERT_ARCHS.register("rotnet_small")
 def _rotnet_small():
     import torch.nn as nn
 
@@ -55,15 +58,19 @@ def _rotnet_small():
     return RotNetSmall()
 
 
-#: Architecture registry: bundle.json names the key, clients rebuild the model from it.
-ARCHITECTURES: dict[str, Callable] = {"rotnet_small": _rotnet_small}
-
-
 def build_expert(arch: str):
-    try:
-        return ARCHITECTURES[arch]()
-    except KeyError:
-        raise NDSError(f"unknown expert architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}") from None
+    """A fresh network of architecture ``arch`` (a name in EXPERT_ARCHS, as bundle.json records it)."""
+    return EXPERT_ARCHS[arch]()
+
+
+def bundle_fields(arch: str) -> dict:
+    """What bundle.json records about the network (``nds.formats.bundle.write_bundle(network=...)``)."""
+    return {
+        "architecture": arch,
+        "input_size": EXPERT_INPUT_SIZE,
+        "feature_dim": build_expert(arch).feature_dim,
+        "preprocessing": PREPROCESSING,
+    }
 
 
 def preprocess(images: np.ndarray):
@@ -71,7 +78,7 @@ def preprocess(images: np.ndarray):
     import torch
 
     if images.ndim != 4 or images.shape[1:] != (EXPERT_INPUT_SIZE, EXPERT_INPUT_SIZE, 3):
-        raise NDSError(f"experts take uint8 images of shape (n, 32, 32, 3), got {images.shape}")
+        raise InvalidInputError(f"experts take uint8 images of shape (n, 32, 32, 3), got {images.shape}")
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().mul_(PREPROCESSING["scale"])
     mean = torch.tensor(PREPROCESSING["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(PREPROCESSING["std"]).view(1, 3, 1, 1)
@@ -120,7 +127,7 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
         return
     if n < 1:
-        raise NDSError(f"threads must be >= 1, got {n}")
+        raise InvalidInputError(f"threads must be >= 1, got {n}")
     saved = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -148,7 +155,7 @@ def train_expert(
 
     n = len(images)
     if n == 0:
-        raise NDSError("cannot train an expert on an empty cluster; lower cluster.k in params.yaml")
+        raise InvalidInputError("cannot train an expert on an empty cluster; lower cluster.k in params.yaml")
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
     n_val = int(round(n * val_fraction)) if n >= 10 else 0
@@ -196,32 +203,16 @@ def train_expert(
     return model, metrics
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_expert(model, path: Path, *, meta: dict) -> str:
     """Atomically write an expert (state_dict + meta); returns the file's sha256."""
     import torch
 
-    import io
-
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Serialise in memory: torch.save names the archive after the file it writes, so saving
     # straight to a temporary name would make identical experts differ byte for byte.
     buf = io.BytesIO()
     torch.save({"meta": meta, "state_dict": model.state_dict()}, buf)
     data = buf.getvalue()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes(Path(path), data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -230,60 +221,10 @@ def load_expert(path: Path, *, expected_sha256: str | None = None):
     import torch
 
     if not path.exists():
-        raise NDSError(f"expert file {path} is missing; fetch the bundle again")
+        raise NotFoundError(f"expert file {path} is missing; fetch the bundle again")
     if expected_sha256 is not None and file_sha256(path) != expected_sha256:
-        raise NDSError(f"expert file {path} does not match its checksum in bundle.json; fetch the bundle again")
+        raise InvalidInputError(f"expert file {path} does not match its checksum in bundle.json; fetch the bundle again")
     blob = torch.load(path, map_location="cpu", weights_only=True)
     model = build_expert(blob["meta"]["arch"])
     model.load_state_dict(blob["state_dict"])
     return model.eval(), blob["meta"]
-
-
-def write_bundle(bundle_dir: Path, *, index_version: str, arch: str, experts: list[dict], extra: dict | None = None) -> dict:
-    """Write `bundle.json` (atomically) describing the expert files already in `bundle_dir`."""
-    bundle = {
-        "format": BUNDLE_FORMAT,
-        "index_version": index_version,
-        "k": len(experts),
-        "architecture": arch,
-        "input_size": EXPERT_INPUT_SIZE,
-        "feature_dim": build_expert(arch).feature_dim,
-        "preprocessing": PREPROCESSING,
-        "experts": experts,  # [{"expert": k, "file": ..., "sha256": ..., "n_images": ..., ...}]
-        **(extra or {}),
-    }
-    bundle["bundle_sha256"] = bundle_checksum(bundle)
-    tmp = bundle_dir / f".bundle.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(bundle, indent=2, sort_keys=True))
-    os.replace(tmp, bundle_dir / "bundle.json")
-    return bundle
-
-
-def bundle_checksum(bundle: dict) -> str:
-    """sha256 over the index version and the expert checksums: what a client's scores are tied to."""
-    payload = json.dumps(
-        {"index_version": bundle["index_version"], "experts": [e["sha256"] for e in bundle["experts"]]},
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def load_bundle(bundle_dir: Path, *, verify: bool = True) -> dict:
-    """Read `bundle.json`; with `verify`, check every expert file against its checksum."""
-    path = Path(bundle_dir) / "bundle.json"
-    if not path.exists():
-        raise NDSError(f"{path} not found: point --experts at an expert bundle folder")
-    try:
-        bundle = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise NDSError(f"{path} is not valid JSON ({exc}); fetch the bundle again") from exc
-    if bundle.get("bundle_sha256") != bundle_checksum(bundle):
-        raise NDSError(f"{path} was modified (bundle checksum mismatch); fetch the bundle again")
-    if verify:
-        for e in bundle["experts"]:
-            f = Path(bundle_dir) / e["file"]
-            if not f.exists():
-                raise NDSError(f"expert file {f} listed in bundle.json is missing; fetch the bundle again")
-            if file_sha256(f) != e["sha256"]:
-                raise NDSError(f"expert file {f} does not match bundle.json (tampered or corrupt); fetch the bundle again")
-    return bundle

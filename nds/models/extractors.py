@@ -8,7 +8,6 @@ float16 `.npy` (memory-mapped while writing, so memory does not grow with N).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from nds.errors import NDSError
+from nds._io import atomic_file
+from nds._registry import EXTRACTORS
+from nds.errors import InvalidInputError, NDSError, NotFoundError
 from nds.params import ExtractParams
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def _to_tensor(images: np.ndarray, size: int):
     import torch.nn.functional as F
 
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise NDSError(f"images must be uint8 (n, H, W, 3), got {images.dtype} {images.shape}")
+        raise InvalidInputError(f"images must be uint8 (n, H, W, 3), got {images.dtype} {images.shape}")
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
@@ -93,13 +94,13 @@ def _torchvision(arch: str) -> Callable[[ExtractParams], Extractor]:
         import torchvision
 
         if not params.weights:
-            raise NDSError(
+            raise InvalidInputError(
                 f"extractor torchvision_{arch} needs extract.weights in params.yaml: a local "
                 "state_dict file (this tool never downloads weights)"
             )
         path = Path(params.weights)
         if not path.exists():
-            raise NDSError(f"extract.weights file {path} does not exist")
+            raise NotFoundError(f"extract.weights file {path} does not exist")
         net = getattr(torchvision.models, arch)(weights=None)
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         dim = net.fc.in_features if hasattr(net, "fc") else net.classifier[-1].in_features
@@ -112,24 +113,16 @@ def _torchvision(arch: str) -> Callable[[ExtractParams], Extractor]:
     return make
 
 
-#: Plug-in point: add an entry to support another backbone.
-EXTRACTORS: dict[str, Callable[[ExtractParams], Extractor]] = {
-    "efficientnet_lite0": _efficientnet_lite0,
-    "torchvision_resnet18": _torchvision("resnet18"),
-    "torchvision_resnet50": _torchvision("resnet50"),
-    "torchvision_mobilenet_v3_small": _torchvision("mobilenet_v3_small"),
-}
+# Plug-in point: register another backbone here (params.yaml extract.extractor names it).
+EXTRACTORS["efficientnet_lite0"] = _efficientnet_lite0
+EXTRACTORS["torchvision_resnet18"] = _torchvision("resnet18")
+EXTRACTORS["torchvision_resnet50"] = _torchvision("resnet50")
+EXTRACTORS["torchvision_mobilenet_v3_small"] = _torchvision("mobilenet_v3_small")
 
 
 def load_extractor(params: ExtractParams) -> Extractor:
-    try:
-        factory = EXTRACTORS[params.extractor]
-    except KeyError:
-        raise NDSError(
-            f"unknown extractor {params.extractor!r} in params.yaml extract.extractor; "
-            f"choose one of {sorted(EXTRACTORS)}"
-        ) from None
-    return factory(params)
+    """The extractor params.yaml names (unknown names: InvalidInputError listing the choices)."""
+    return EXTRACTORS[params.extractor](params)
 
 
 def compute_features(
@@ -147,11 +140,9 @@ def compute_features(
     """
     from tqdm import tqdm
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n_samples, extractor.dim))
-    start, t0, model_s = 0, time.perf_counter(), 0.0
-    try:
+    with atomic_file(out_path) as tmp:
+        feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n_samples, extractor.dim))
+        start, t0, model_s = 0, time.perf_counter(), 0.0
         with tqdm(total=n_samples, desc="extract", unit="img", disable=not progress) as bar:
             for batch in batches:
                 t = time.perf_counter()
@@ -164,10 +155,6 @@ def compute_features(
             raise NDSError(f"extractor saw {start} images but the catalog lists {n_samples}")
         feats.flush()
         del feats
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     wall = time.perf_counter() - t0
     return {
         "n_samples": n_samples,

@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from nds._io import write_text
 from nds.errors import NDSError
 
 log = logging.getLogger(__name__)
@@ -185,9 +186,8 @@ def read_state(home: Path | None = None) -> dict:
 
 
 def _write_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, path)
+    # Insertion order and a final newline, as before (write_json would sort the keys).
+    write_text(path, json.dumps(state, indent=2) + "\n")
 
 
 def _alive(pid: int) -> bool:

@@ -7,6 +7,9 @@ Credentials come only from the environment (the standard AWS chain), never from 
 Keys are ``/``-separated paths under the storage root (``manifests/<id>/summary.json``).
 Publishing is atomic: the object is written under a temporary key (S3) or file (local)
 and then copied / renamed to its final key, so a reader never sees half a manifest.
+
+This is the one S3 client of NDS (`s3_client`): failures surface as `NotFoundError` (no such
+object) or `StorageError` (S3 or the network failed after the bounded retries).
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ import logging
 import os
 import secrets
 import shutil
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 from urllib.parse import urlparse
 
-from nds.errors import NDSError
+from nds._io import atomic_file
+from nds.errors import InvalidInputError, NDSError, NotFoundError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -61,33 +64,19 @@ def open_storage(url: str | None = None) -> "LocalStorage | S3Storage":
     parsed = urlparse(url)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise NDSError(f"{url}: a file URL names a local path, e.g. file:///srv/nds")
+            raise InvalidInputError(f"{url}: a file URL names a local path, e.g. file:///srv/nds")
         return LocalStorage(Path(parsed.path))
     if parsed.scheme == "s3":
         if not parsed.netloc:
-            raise NDSError(f"{url} names no bucket: use s3://bucket/prefix")
+            raise InvalidInputError(f"{url} names no bucket: use s3://bucket/prefix")
         return S3Storage(parsed.netloc, parsed.path.strip("/"))
-    raise NDSError(f"unsupported storage URL {url!r}: use file:///path or s3://bucket/prefix")
-
-
-def _write_atomically(dest: Path, write) -> Path:
-    """`write(tmp)` a temporary sibling of `dest`, then rename it to `dest` (removed on failure)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
+    raise InvalidInputError(f"unsupported storage URL {url!r}: use file:///path or s3://bucket/prefix")
 
 
 def _clean_key(key: str) -> str:
     parts = PurePosixPath(key).parts
     if not key or key.startswith("/") or ".." in parts:
-        raise NDSError(f"storage key {key!r} must be a relative path without '..'")
+        raise InvalidInputError(f"storage key {key!r} must be a relative path without '..'")
     return "/".join(parts)
 
 
@@ -104,17 +93,19 @@ class LocalStorage:
         return self._path(key).as_uri()
 
     def put_file(self, key: str, path: Path) -> str:
-        _write_atomically(self._path(key), lambda tmp: shutil.copyfile(path, tmp))
+        with atomic_file(self._path(key)) as tmp:
+            shutil.copyfile(path, tmp)
         return self.uri(key)
 
     def put_bytes(self, key: str, data: bytes) -> str:
-        _write_atomically(self._path(key), lambda tmp: tmp.write_bytes(data))
+        with atomic_file(self._path(key)) as tmp:
+            tmp.write_bytes(data)
         return self.uri(key)
 
     def get_file(self, key: str, path: Path) -> Path:
         src = self._path(key)
         if not src.is_file():
-            raise NDSError(f"{self.uri(key)} not found")
+            raise NotFoundError(f"{self.uri(key)} not found")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, path)
         return Path(path)
@@ -122,7 +113,7 @@ class LocalStorage:
     def get_bytes(self, key: str) -> bytes:
         src = self._path(key)
         if not src.is_file():
-            raise NDSError(f"{self.uri(key)} not found")
+            raise NotFoundError(f"{self.uri(key)} not found")
         return src.read_bytes()
 
     def exists(self, key: str) -> bool:
@@ -136,7 +127,7 @@ class LocalStorage:
         return sorted(p.relative_to(self.root).as_posix() for p in files if ".tmp-" not in p.name)
 
     def presign(self, key: str, expires_s: int) -> str:
-        raise NDSError(
+        raise InvalidInputError(
             f"storage {self.root.as_uri()} is a local folder: presigned URLs need S3 storage "
             f"({STORAGE_URL_ENV}=s3://bucket/prefix)"
         )
@@ -179,20 +170,26 @@ class S3Storage:
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def _call(self, what: str, key: str, fn, *args, **kwargs):
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return fn(*args, **kwargs)
+        except S3UploadFailedError as exc:  # upload_file wraps the ClientError in its message only
+            raise StorageError(f"cannot {what} {self.uri(key)} ({exc}): check credentials and permissions") from exc
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("404", "NoSuchKey", "NotFound"):
-                raise NDSError(f"{self.uri(key)} not found") from exc
+                raise NotFoundError(f"{self.uri(key)} not found") from exc
             if code == "NoSuchBucket":
-                raise NDSError(f"bucket {self.bucket} does not exist: create it first") from exc
-            raise NDSError(f"cannot {what} {self.uri(key)} ({code or exc}): check credentials and permissions") from exc
+                # Not a NotFoundError: `exists` must not answer False for a whole missing bucket.
+                raise StorageError(f"bucket {self.bucket} does not exist: create it first") from exc
+            raise StorageError(
+                f"cannot {what} {self.uri(key)} ({code or exc}): check credentials and permissions"
+            ) from exc
         except BotoCoreError as exc:
             endpoint = self.client.meta.endpoint_url
-            raise NDSError(
+            raise StorageError(
                 f"cannot reach S3 at {endpoint} to {what} {self.uri(key)} ({exc}): "
                 f"check {S3_ENDPOINT_ENV}, credentials and the network"
             ) from exc
@@ -233,10 +230,8 @@ class S3Storage:
     def exists(self, key: str) -> bool:
         try:
             self._call("inspect", key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
-        except NDSError as exc:
-            if "not found" in str(exc):
-                return False
-            raise
+        except NotFoundError:
+            return False
         return True
 
     def list(self, prefix: str = "") -> list[str]:
@@ -275,9 +270,11 @@ def fetch_object(uri: str, dest: Path) -> Path:
     """Download ``s3://bucket/key`` to `dest` atomically (temp file, then rename); bounded retries."""
     parsed = urlparse(uri)
     if parsed.scheme != "s3" or not parsed.netloc:
-        raise NDSError(f"{uri} is not an s3:// object URI")
+        raise InvalidInputError(f"{uri} is not an s3:// object URI")
     bucket = S3Storage(parsed.netloc, "")
-    return _write_atomically(Path(dest), lambda tmp: bucket.get_file(parsed.path.lstrip("/"), tmp))
+    with atomic_file(Path(dest)) as tmp:
+        bucket.get_file(parsed.path.lstrip("/"), tmp)
+    return Path(dest)
 
 
 def presign_s3_uri(uri: str, expires_s: int, *, client=None, must_exist: bool = False) -> str:
@@ -286,15 +283,17 @@ def presign_s3_uri(uri: str, expires_s: int, *, client=None, must_exist: bool = 
     must_exist: check the object first (a URL to a missing object fails only at download).
     """
     if not 1 <= int(expires_s) <= MAX_PRESIGN_S:
-        raise NDSError(f"presign expiry {expires_s}s must lie in [1, {MAX_PRESIGN_S}] (S3 allows 7 days at most)")
+        raise InvalidInputError(
+            f"presign expiry {expires_s}s must lie in [1, {MAX_PRESIGN_S}] (S3 allows 7 days at most)"
+        )
     parsed = urlparse(uri)
     if parsed.scheme != "s3" or not parsed.netloc:
-        raise NDSError(f"{uri} is not an s3:// object URI")
+        raise InvalidInputError(f"{uri} is not an s3:// object URI")
     client = client or s3_client()
     if must_exist:
         store = S3Storage(parsed.netloc, "", client=client)
         if not store.exists(parsed.path.lstrip("/")):
-            raise NDSError(f"{uri} is not in the store: push the data first (`dvc push`)")
+            raise NotFoundError(f"{uri} is not in the store: push the data first (`dvc push`)")
     return client.generate_presigned_url(
         "get_object", Params={"Bucket": parsed.netloc, "Key": parsed.path.lstrip("/")}, ExpiresIn=int(expires_s)
     )

@@ -1,5 +1,8 @@
 """The DuckDB warehouse: DDL from `warehouse/*.sql`, loads bound with `?`, read-only queries.
 
+The repository keeps the one copy of the DDL in `warehouse/`; a built wheel carries it as
+`nds/platform/sql/` (copied by setup.py's build step) and an editable install reads `warehouse/`.
+
 DuckDB allows one writer process per file, so every write opens, commits and closes its own
 connection inside one transaction: a reader never sees half an index version.
 """
@@ -8,9 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Iterator
 
@@ -18,20 +22,32 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nds.errors import NDSError
+from nds._io import atomic_file
+from nds.errors import InvalidInputError, NDSError, NotFoundError, StorageError
 
 log = logging.getLogger(__name__)
 
-#: Where the DDL lives: the repository's `warehouse/` folder (shipped beside the package).
-SQL_DIR = Path(__file__).resolve().parents[2] / "warehouse"
+#: The DDL inside an installed wheel (a package folder) ...
+PACKAGED_SQL = "sql"
+#: ... and in a source checkout / editable install: the repository's `warehouse/` folder.
+REPO_SQL_DIR = Path(__file__).resolve().parents[2] / "warehouse"
 #: Tables holding one index version's rows, deleted and reloaded together.
 VERSIONED_TABLES = ("samples", "clusters", "sample_weights")
 
 
-def sql_files() -> list[Path]:
-    files = sorted(SQL_DIR.glob("*.sql"))
+def sql_dir() -> Traversable:
+    """The packaged `nds/platform/sql/` when the wheel ships it, else the repository's `warehouse/`."""
+    packaged = resources.files("nds.platform") / PACKAGED_SQL
+    return packaged if packaged.is_dir() else REPO_SQL_DIR
+
+
+def sql_files() -> list[Traversable]:
+    """The DDL files in the order they run (by name: 001_tables.sql, 002_views.sql, ...)."""
+    where = sql_dir()
+    files = [f for f in where.iterdir() if f.name.endswith(".sql")] if where.is_dir() else []
+    files.sort(key=lambda f: f.name)
     if not files:
-        raise NDSError(f"no DDL found in {SQL_DIR}; reinstall the project with `pip install -e .`")
+        raise NDSError(f"no DDL found in {where}; reinstall the project (`pip install .` or `pip install -e .`)")
     return files
 
 
@@ -40,7 +56,7 @@ def connect(path: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyC
     """Open the warehouse; writers get the schema applied first."""
     path = Path(path)
     if read_only and not path.exists():
-        raise NDSError(f"warehouse {path} does not exist yet; run `nds index` first")
+        raise NotFoundError(f"warehouse {path} does not exist yet; run `nds index` first")
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -48,10 +64,12 @@ def connect(path: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyC
     except duckdb.IOException as exc:
         msg = str(exc).splitlines()[0]
         if "lock" in msg.lower():
-            raise NDSError(f"warehouse {path} is locked by another process ({msg}); wait for it to finish") from exc
-        raise NDSError(f"cannot open warehouse {path}: {msg}") from exc
+            raise StorageError(f"warehouse {path} is locked by another process ({msg}); wait for it to finish") from exc
+        raise StorageError(f"cannot open warehouse {path}: {msg}") from exc
     except duckdb.Error as exc:
-        raise NDSError(f"cannot open warehouse {path}: {str(exc).splitlines()[0]}; is it a DuckDB file?") from exc
+        raise InvalidInputError(
+            f"cannot open warehouse {path}: {str(exc).splitlines()[0]}; is it a DuckDB file?"
+        ) from exc
     try:
         if not read_only:
             for f in sql_files():
@@ -61,7 +79,7 @@ def connect(path: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyC
         con.close()
 
 
-#: One audit row per selection run, stored as its own Parquet file (see nds/selections.py).
+#: One audit row per selection run, stored as its own Parquet file (see nds/select/service.py).
 SELECTIONS_SCHEMA = pa.schema(
     [
         ("selection_id", pa.string()), ("created_at", pa.timestamp("us")), ("index_version", pa.string()),
@@ -88,9 +106,8 @@ def _render(sql: str, path: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     schema_file = folder / SELECTIONS_SCHEMA_FILE
     if not schema_file.exists():
-        tmp = folder / f".{SELECTIONS_SCHEMA_FILE}.tmp-{os.getpid()}"
-        pq.write_table(SELECTIONS_SCHEMA.empty_table(), tmp)
-        os.replace(tmp, schema_file)
+        with atomic_file(schema_file) as tmp:
+            pq.write_table(SELECTIONS_SCHEMA.empty_table(), tmp)
     # DDL takes no bound parameters: quote the configured path as a SQL string literal.
     return sql.replace("{selections_glob}", str(folder / "*.parquet").replace("'", "''"))
 

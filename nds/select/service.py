@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,15 +27,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from nds.models import experts
-
-from nds.formats import manifest
-
-from nds.select import sampling as selection
-
-from nds.platform import warehouse
+from nds._io import atomic_file, new_run_id
+from nds._registry import SAMPLERS
 from nds.config import Workspace
-from nds.errors import NDSError
+from nds.errors import InvalidInputError, NDSError, NotFoundError
+from nds.formats import manifest
+from nds.formats.bundle import load_bundle
+from nds.formats.scores import load_scores
+from nds.index.layout import load_cluster_layout
+from nds.platform import warehouse
+from nds.select.probability import compute_expert_weights, compute_sample_probabilities, resolve_budget
+from nds.select.samplers import DEFAULT_SAMPLER, select_samples
+from nds.select.samplers.clustered import select_samples_clustered
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,9 @@ log = logging.getLogger(__name__)
 #: accuracies in [0, 1] whose spread between relevant and irrelevant experts is a few
 #: points to tens of points; see the README's temperature sweep for how this was chosen.
 DEFAULT_TEMPERATURE = 0.02
+
+#: `method` of a request: "auto" (see run_selection) or a registered sampler.
+SamplerChoice = Literal[("auto", *SAMPLERS.names())]
 
 
 class SelectRequest(BaseModel):
@@ -61,7 +66,7 @@ class SelectRequest(BaseModel):
     datasets: list[str] | None = Field(None, description="Only select from these source domains.")
     exclude: list[str] = Field(default_factory=list, description="sample_ids or sha256 content hashes to leave out.")
     out_name: str | None = Field(None, description="Folder name under the manifests root (default: the selection id).")
-    method: Literal["auto", "es-keys", "two-stage", "clustered"] = Field(
+    method: SamplerChoice = Field(
         "auto",
         description="Sampler for the draw, all of one law: clustered (O(K + B) with the index's cluster "
         "layout), es-keys (O(N)), two-stage; auto: clustered when the index has its layout, else es-keys.",
@@ -90,18 +95,19 @@ class Index:
 
 
 def load_current_index(ws: Workspace) -> Index:
-    bundle = experts.load_bundle(ws.stage_dir("experts"), verify=False)
+    """The index the weights stage last wrote: bundle identity, catalog, assignments, layout."""
+    bundle = load_bundle(ws.stage_dir("experts"), verify=False)
     wpath = ws.stage_dir("weights") / "weights.parquet"
     ipath = ws.stage_dir("extract") / "index.parquet"
     for p in (wpath, ipath):
         if not p.exists():
-            raise NDSError(f"{p} is missing: build the index first (`nds index`)")
+            raise NotFoundError(f"{p} is missing: build the index first (`nds index`)")
     w = pq.read_table(wpath, columns=["sample_id", "expert"])
     catalog = pq.read_table(ipath, columns=["sample_id", "dataset", "uri", "label", "sha256"])
     if w.column("sample_id") != catalog.column("sample_id"):
         raise NDSError("weights and index order disagree: rerun `nds index` (or `dvc repro`)")
     layout_dir = ws.stage_dir("weights") / "layout"
-    layout = selection.load_cluster_layout(layout_dir) if layout_dir.exists() else None
+    layout = load_cluster_layout(layout_dir) if layout_dir.exists() else None
     k = int(bundle["k"])
     if layout is not None and (len(layout[1]) != k + 1 or int(layout[1][-1]) != catalog.num_rows):
         raise NDSError(f"{layout_dir} does not match the index ({k} experts, {catalog.num_rows} samples): rerun compute_weights")
@@ -117,14 +123,14 @@ def load_current_index(ws: Workspace) -> Index:
 
 def check_scores(scores: dict, index: Index) -> None:
     if scores["index_version"] != index.version:
-        raise NDSError(
+        raise InvalidInputError(
             f"scores are for index {scores['index_version']} but the server holds {index.version}: "
             "fetch the current expert bundle (`nds client fetch-experts`) and score again"
         )
     if scores.get("bundle_sha256") != index.bundle_sha256:
-        raise NDSError("scores were made with a different expert bundle (checksum mismatch): fetch the bundle and score again")
+        raise InvalidInputError("scores were made with a different expert bundle (checksum mismatch): fetch the bundle and score again")
     if len(scores["scores"]) != index.k:
-        raise NDSError(f"scores hold {len(scores['scores'])} values but the index has {index.k} experts: score again")
+        raise InvalidInputError(f"scores hold {len(scores['scores'])} values but the index has {index.k} experts: score again")
 
 
 def eligible_mask(index: Index, *, datasets: list[str] | None, exclude: list[str]) -> tuple[np.ndarray, int]:
@@ -135,7 +141,8 @@ def eligible_mask(index: Index, *, datasets: list[str] | None, exclude: list[str
         known = sorted(set(index.catalog.column("dataset").to_pylist()))
         unknown = sorted(set(datasets) - set(known))
         if unknown or not datasets:
-            raise NDSError(f"unknown dataset filter {unknown or datasets}: choose from {known}")
+            error = NotFoundError if unknown else InvalidInputError
+            raise error(f"unknown dataset filter {unknown or datasets}: choose from {known}")
         mask &= np.isin(np.asarray(index.catalog.column("dataset").to_pylist(), dtype=object), list(datasets))
     n_excluded = 0
     if exclude:
@@ -150,7 +157,7 @@ def eligible_mask(index: Index, *, datasets: list[str] | None, exclude: list[str
 
 def new_selection_id() -> str:
     """Time-ordered and unguessable (128 random bits)."""
-    return f"sel-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(16)}"
+    return new_run_id("sel")
 
 
 def manifests_root(ws: Workspace) -> Path:
@@ -169,8 +176,6 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
     `out_dir` (a trusted local path, from the CLI) overrides `request.out_name`, which is
     resolved inside the manifests root and may not escape it. Nothing is written on bad input.
     """
-    from nds.client.images import load_scores
-
     t0 = time.perf_counter()
     selection_id = selection_id or new_selection_id()
     if out_dir is None:
@@ -185,27 +190,27 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
                                      exclude=list(request.exclude) + list(scores.get("exclude_sha256") or []))
     n_eligible = int(mask.sum())
     if n_eligible == 0:
-        raise NDSError("no source sample is eligible after the dataset filter and exclusions: relax them")
-    budget = selection.resolve_budget(_as_budget(request.budget), n_eligible)
-    weights = selection.compute_expert_weights(scores["scores"], temperature=request.temperature)
-    p = selection.compute_sample_probabilities(index.assignments, weights, eligible=mask)
+        raise InvalidInputError("no source sample is eligible after the dataset filter and exclusions: relax them")
+    budget = resolve_budget(_as_budget(request.budget), n_eligible)
+    weights = compute_expert_weights(scores["scores"], temperature=request.temperature)
+    p = compute_sample_probabilities(index.assignments, weights, eligible=mask)
     if budget > int((p > 0).sum()):
-        raise NDSError(f"budget {budget} exceeds the {int((p > 0).sum())} samples with non-zero probability: lower it")
+        raise InvalidInputError(f"budget {budget} exceeds the {int((p > 0).sum())} samples with non-zero probability: lower it")
     method = request.method
     if method == "auto":
-        method = "clustered" if index.layout is not None else selection.DEFAULT_SAMPLER
+        method = "clustered" if index.layout is not None else DEFAULT_SAMPLER
     t_draw = time.perf_counter()
     if method == "clustered":
         if index.layout is None:
-            raise NDSError("this index has no cluster layout (built before it existed): rerun compute_weights "
-                           "(`nds stage compute_weights`) or use method es-keys")
-        picked = selection.select_samples_clustered(
+            raise NotFoundError("this index has no cluster layout (built before it existed): rerun compute_weights "
+                                "(`nds stage compute_weights`) or use method es-keys")
+        picked = select_samples_clustered(
             index.layout, weights, budget, seed=request.seed,
             excluded=None if mask.all() else np.flatnonzero(~mask), assignments=index.assignments,
         )
     else:
-        picked = selection.select_samples(p, budget, seed=request.seed, method=method,
-                                          assignments=index.assignments)
+        picked = select_samples(p, budget, seed=request.seed, method=method,
+                                assignments=index.assignments)
     draw_s = time.perf_counter() - t_draw
     table = manifest.build_manifest(index.catalog, picked, p, index.assignments)
     params = request.model_dump(exclude={"scores", "scores_path", "exclude"})
@@ -260,7 +265,7 @@ def presign_corpus_urls(ws: Workspace, table: pa.Table, expires_s: int) -> dict:
     hold the corpus (`dvc push`). Returns {"table": sample_id/rank/url, "info": ...}.
     """
     from nds.platform import storage
-    from nds.corpus.build import split_uri
+    from nds.corpus.read import split_uri
 
     parsed = [split_uri(u) for u in table.column("uri").to_pylist()]
     # A corpus published to S3 (`nds corpus publish`) names its objects; otherwise ask DVC
@@ -269,7 +274,7 @@ def presign_corpus_urls(ws: Workspace, table: pa.Table, expires_s: int) -> dict:
                for a in dict.fromkeys(a for a, _ in parsed)}
     local = sorted(u for u in objects.values() if not u.startswith("s3://"))
     if local:
-        raise NDSError(
+        raise InvalidInputError(
             f"the corpus is stored locally (DVC remote object {local[0]}): presigned URLs need the corpus on an "
             "S3 DVC remote (`dvc remote add -d NAME s3://bucket/prefix` + `dvc push`); without --presign the "
             "client downloads from this server's copy"
@@ -291,9 +296,8 @@ def write_urls(folder: Path, table: pa.Table) -> Path:
     import pyarrow.csv as pacsv
 
     final = Path(folder) / manifest.URLS_NAME
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    pacsv.write_csv(table, tmp)
-    os.replace(tmp, final)
+    with atomic_file(final) as tmp:
+        pacsv.write_csv(table, tmp)
     return final
 
 
@@ -319,7 +323,7 @@ def _as_budget(value: float) -> int | float:
     """The form gives a float: whole numbers >= 1 are counts, values below 1 are fractions."""
     if value >= 1:
         if value != int(value):
-            raise NDSError(f"budget {value} is neither a whole count nor a fraction below 1: use e.g. 500 or 0.1")
+            raise InvalidInputError(f"budget {value} is neither a whole count nor a fraction below 1: use e.g. 500 or 0.1")
         return int(value)
     return float(value)
 
@@ -342,10 +346,7 @@ def record_selection(ws: Workspace, summary: dict, *, scores: list[float]) -> Pa
         "counts_per_dataset": json.dumps(summary["counts_per_dataset"], sort_keys=True),
         "seconds": summary["seconds"],
     }
-    folder = selections_dir(ws)
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{summary['selection_id']}.parquet"
-    tmp = folder / f".{final.name}.tmp-{os.getpid()}"
-    pq.write_table(pa.Table.from_pylist([row], schema=warehouse.SELECTIONS_SCHEMA), tmp)
-    os.replace(tmp, final)
+    final = selections_dir(ws) / f"{summary['selection_id']}.parquet"
+    with atomic_file(final) as tmp:
+        pq.write_table(pa.Table.from_pylist([row], schema=warehouse.SELECTIONS_SCHEMA), tmp)
     return final

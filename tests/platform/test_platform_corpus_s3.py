@@ -10,15 +10,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from nds.corpus import build as corpus
-
-from nds.index import stages as pipeline
-
-from nds.select import service as selections
 from flows.cli import main as nds_main
 from nds.config import Workspace
+from nds.corpus.publish import publish_corpus
+from nds.corpus.read import CACHE_ENV, load_catalog, load_images
 from nds.errors import NDSError
+from nds.index.extract import run_extract
 from nds.params import load_params
+from nds.select import service as selections
 
 from s3fixtures import BUCKET, s3_env, s3_server  # noqa: F401  (fixtures)
 from test_platform_dvc_s3 import _scores
@@ -31,9 +30,9 @@ def published(tiny_index, s3_env, tmp_path, monkeypatch):
     root = tmp_path / "server"
     shutil.copytree(src.root, root, ignore=shutil.ignore_patterns("*.duckdb.wal"))
     ws = Workspace(root)
-    monkeypatch.setenv(corpus.CACHE_ENV, str(tmp_path / "cache"))
-    before = corpus.load_catalog(ws.data_dir, split=None)
-    images = corpus.load_images(ws.data_dir, before.column("array").to_pylist(), np.asarray(before.column("row")))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    before = load_catalog(ws.data_dir, split=None)
+    images = load_images(ws.data_dir, before.column("array").to_pylist(), np.asarray(before.column("row")))
     features = np.load(ws.stage_dir("extract") / "features.npy")
     assert nds_main(["--root", str(root), "-q", "corpus", "publish", f"s3://{BUCKET}/{tmp_path.name}/corpus",
                      "--drop-local", "--no-dvc"]) == 0
@@ -42,23 +41,23 @@ def published(tiny_index, s3_env, tmp_path, monkeypatch):
 
 def test_published_corpus_reads_back_from_s3(published, tmp_path):
     ws, before, images, _ = published
-    after = corpus.load_catalog(ws.data_dir, split=None)
+    after = load_catalog(ws.data_dir, split=None)
     assert not (ws.data_dir / "images").exists(), "--drop-local leaves only the catalog"
     assert after.column("sample_id") == before.column("sample_id")
     prefix = f"s3://{BUCKET}/{tmp_path.name}/corpus/images/"
     assert all(u.startswith(prefix) and "#" in u for u in after.column("uri").to_pylist())
-    again = corpus.load_images(ws.data_dir, after.column("array").to_pylist(), np.asarray(after.column("row")))
+    again = load_images(ws.data_dir, after.column("array").to_pylist(), np.asarray(after.column("row")))
     assert np.array_equal(again, images)
     cached = sorted(p.name for p in (tmp_path / "cache").rglob("*.npy"))
     assert cached == sorted(f"{d}.npy" for d in set(before.column("dataset").to_pylist()))
     # Publishing again is a no-op: the catalog already names its objects.
-    assert corpus.publish_corpus(ws, f"s3://{BUCKET}/elsewhere")["objects"] == sorted(set(after.column("array").to_pylist()))
+    assert publish_corpus(ws, f"s3://{BUCKET}/elsewhere")["objects"] == sorted(set(after.column("array").to_pylist()))
 
 
 def test_extract_selection_and_download_from_an_s3_corpus(published, tmp_path, monkeypatch):
     ws, before, images, features = published
     # The extract stage streams the images from S3: same features as from the local arrays.
-    pipeline.run_extract(ws, load_params(ws.params_path))
+    run_extract(ws, load_params(ws.params_path))
     assert np.array_equal(np.load(ws.stage_dir("extract") / "features.npy"), features)
     index = pq.read_table(ws.stage_dir("extract") / "index.parquet")
     assert index.column("uri")[0].as_py().startswith("s3://")
@@ -95,14 +94,14 @@ def test_publish_refuses_a_non_s3_target_and_a_missing_object(tiny_index, s3_env
     shutil.copytree(src.data_dir, ws.data_dir)
     catalog_bytes = ws.catalog_path.read_bytes()
     with pytest.raises(NDSError, match="must be an S3 location"):
-        corpus.publish_corpus(ws, "file:///tmp/x")
+        publish_corpus(ws, "file:///tmp/x")
     (ws.data_dir / "images" / "mnist.npy").unlink()
     with pytest.raises(NDSError, match="mnist.npy is missing"):
-        corpus.publish_corpus(ws, f"s3://{BUCKET}/{tmp_path.name}")
+        publish_corpus(ws, f"s3://{BUCKET}/{tmp_path.name}")
     assert ws.catalog_path.read_bytes() == catalog_bytes, "a failed publish leaves the catalog as it was"
 
     # A catalog pointing at an object that is not in the store: one clear error at read time.
-    monkeypatch.setenv(corpus.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     with pytest.raises(NDSError, match="not found"):
-        corpus.load_images(ws.data_dir, [f"s3://{BUCKET}/nowhere/images/x.npy"], np.asarray([0]))
+        load_images(ws.data_dir, [f"s3://{BUCKET}/nowhere/images/x.npy"], np.asarray([0]))
     assert not any((tmp_path / "cache").rglob("*.npy")), "no partial cache file"

@@ -1,7 +1,7 @@
 """Experts and extraction shards run on a Dask cluster (NDS_DASK_ADDRESS) give bit-identical results
 to a sequential run.
 
-One Dask worker thread: nds.experts seeds torch's *global* RNG before building each model, so
+One Dask worker thread: nds.models.experts seeds torch's *global* RNG before building each model, so
 two experts initialised at the same moment in one process race for it (thread pool and
 in-process Dask alike); until that is seeded per call, only one-at-a-time runs compare exactly.
 """
@@ -12,7 +12,7 @@ import shutil
 
 import yaml
 
-from nds.models import experts
+from nds.formats.bundle import load_bundle
 def _copy_without_experts(src, dst):
     # No trained experts and no resume cache: every expert is trained again.
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("experts", ".cache", "*.duckdb*"))
@@ -38,7 +38,7 @@ def test_dask_task_runner_gives_identical_experts(tiny_index, tmp_path, monkeypa
         assert type(task_runner(1)).__name__ == "DaskTaskRunner"
         on_dask = train_experts_with_workers(str(_copy_without_experts(src.root, tmp_path / "dask")))
     assert [e["sha256"] for e in on_dask["experts"]] == [e["sha256"] for e in sequential["experts"]]
-    assert experts.load_bundle(tmp_path / "dask" / "artifacts" / "experts", verify=True)["k"] == len(on_dask["experts"])
+    assert load_bundle(tmp_path / "dask" / "artifacts" / "experts", verify=True)["k"] == len(on_dask["experts"])
 
 
 def test_extraction_shards_on_dask_equal_the_single_pass(tiny_index, tmp_path, monkeypatch):

@@ -11,19 +11,15 @@ import sys
 import numpy as np
 import pytest
 
-from nds.models import experts
-
-from nds.select import service as selections
-
-from nds.platform import storage
-
-from nds.platform import warehouse
 from flows.cli import main as nds_main
-from nds.client.images import write_scores
 from nds.config import Workspace
-from nds.corpus.build import load_images
+from nds.corpus.read import load_images, split_uri
 from nds.errors import NDSError
-from nds.client.download import parse_uri
+from nds.formats.bundle import load_bundle
+from nds.formats.scores import write_scores
+from nds.platform import storage
+from nds.platform import warehouse
+from nds.select import service as selections
 
 from s3fixtures import BUCKET, s3_env, s3_server  # noqa: F401  (fixtures)
 
@@ -36,7 +32,7 @@ def _dvc(root, *args):
 
 def _scores(ws: Workspace, path):
     """A hand-made scores.json that favours expert 0 (no need to score real images here)."""
-    bundle = experts.load_bundle(ws.stage_dir("experts"), verify=False)
+    bundle = load_bundle(ws.stage_dir("experts"), verify=False)
     k = int(bundle["k"])
     write_scores(path, bundle=bundle, mode="rotation", scores=[0.9] + [0.5] * (k - 1), seconds_per_expert=[0.0] * k)
     return path
@@ -114,7 +110,7 @@ def test_presigned_selection_published_and_downloaded(pushed, s3_env, tmp_path, 
     from PIL import Image
 
     m = load_manifest(sel)
-    arrays, rows_ = zip(*(parse_uri(u) for u in m.column("uri").to_pylist()))
+    arrays, rows_ = zip(*(split_uri(u) for u in m.column("uri").to_pylist()))
     expected = load_images(pushed.data_dir, list(arrays), np.asarray(rows_))
     from nds.client.download import safe_name
 
@@ -138,8 +134,8 @@ def test_bundle_published_to_s3_is_fetched_by_the_client(pushed, s3_env, tmp_pat
     from flows.index import publish_bundle
 
     monkeypatch.setenv("NDS_STORAGE_URL", f"s3://{BUCKET}/nds")
-    bundle = experts.load_bundle(pushed.stage_dir("experts"), verify=False)
+    bundle = load_bundle(pushed.stage_dir("experts"), verify=False)
     uri = publish_bundle.fn(str(pushed.root), bundle["index_version"])
     assert uri == f"s3://{BUCKET}/nds/experts/{bundle['index_version']}"
     assert nds_main(["-q", "client", "fetch-experts", uri, "--out", str(tmp_path / "experts")]) == 0
-    assert experts.load_bundle(tmp_path / "experts", verify=True)["bundle_sha256"] == bundle["bundle_sha256"]
+    assert load_bundle(tmp_path / "experts", verify=True)["bundle_sha256"] == bundle["bundle_sha256"]

@@ -10,14 +10,12 @@ import time
 
 import pytest
 
-from nds.models import experts
-
-from nds.platform import prefect_server as server
-
-from nds.platform import warehouse
-from nds.client.images import write_scores
 from flows.cli import main as nds_main
+from nds.formats.bundle import load_bundle
+from nds.formats.scores import write_scores
 from nds.params import load_params
+from nds.platform import prefect_server
+from nds.platform import warehouse
 
 from conftest import REPO
 
@@ -34,7 +32,7 @@ def test_server_up_deploy_run_select_down(tiny_index, tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     ws, _ = tiny_index
-    bundle = experts.load_bundle(ws.stage_dir("experts"), verify=False)
+    bundle = load_bundle(ws.stage_dir("experts"), verify=False)
     k = int(bundle["k"])
     scores = tmp_path / "scores.json"
     write_scores(scores, bundle=bundle, mode="rotation", scores=[0.9] + [0.5] * (k - 1), seconds_per_expert=[0.0] * k)
@@ -43,7 +41,7 @@ def test_server_up_deploy_run_select_down(tiny_index, tmp_path):
     t0 = time.monotonic()
     assert nds_main(["server", "up", "--repo", str(REPO), "--home", str(home), "--port", str(port),
                      "--no-worker"]) == 0
-    state = server.read_state(home)
+    state = prefect_server.read_state(home)
     try:
         assert state["api_url"] == f"http://127.0.0.1:{port}/api"
         with temporary_settings({PREFECT_API_URL: state["api_url"]}):
@@ -52,7 +50,7 @@ def test_server_up_deploy_run_select_down(tiny_index, tmp_path):
             with get_client(sync_client=True) as client:
                 deployments = {d.name: d for d in client.read_deployments()}
             assert sorted(deployments) == ["evaluate", "index", "select"]
-            assert {deployments[n].work_pool_name for n in deployments} == {server.WORK_POOL}
+            assert {deployments[n].work_pool_name for n in deployments} == {prefect_server.WORK_POOL}
             sched = load_params(REPO / "params.yaml").schedule
             (index_schedule,) = deployments["index"].schedules
             assert index_schedule.schedule.cron == sched.index_cron
@@ -65,8 +63,8 @@ def test_server_up_deploy_run_select_down(tiny_index, tmp_path):
                             "root": str(ws.root), "out_dir": str(tmp_path / "manifest")},
                 timeout=0,  # just schedule it; the worker below picks it up
             )
-            env = server.server_env(home, state["api_url"], REPO)
-            worker = server.start_worker(env=env, cwd=REPO, log_path=home / "worker.log", run_once=True)
+            env = prefect_server.server_env(home, state["api_url"], REPO)
+            worker = prefect_server.start_worker(env=env, cwd=REPO, log_path=home / "worker.log", run_once=True)
             try:
                 worker.wait(timeout=240)
             except subprocess.TimeoutExpired:
@@ -77,8 +75,8 @@ def test_server_up_deploy_run_select_down(tiny_index, tmp_path):
         assert final.state.type == StateType.COMPLETED, (home / "worker.log").read_text()[-3000:]
     finally:
         assert nds_main(["server", "down", "--home", str(home)]) == 0
-    assert not (home / server.STATE_NAME).exists()
-    assert not server._alive(state["pids"]["server"])
+    assert not (home / prefect_server.STATE_NAME).exists()
+    assert not prefect_server._alive(state["pids"]["server"])
     print(f"server up + deploy + run + down: {time.monotonic() - t0:.1f}s")
 
     summary = json.loads((tmp_path / "manifest" / "summary.json").read_text())

@@ -1,4 +1,4 @@
-"""nds.storage: one interface over a local folder and S3 (moto on loopback), and DuckDB on S3."""
+"""nds.platform.storage: one interface over a local folder and S3 (moto on loopback), and DuckDB on S3."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from nds.errors import InvalidInputError, NDSError, NotFoundError, StorageError
 from nds.platform import storage
-from nds.errors import NDSError
 
 from s3fixtures import BUCKET, s3_env, s3_server  # noqa: F401  (fixtures)
 
@@ -39,6 +39,38 @@ def test_roundtrip_list_exists(store, tmp_path):
         store.get_bytes("x/missing")
     with pytest.raises(NDSError, match="relative path"):
         store.put_bytes("../escape", b"")
+
+
+def test_failures_are_told_apart_by_subclass(store, tmp_path):
+    """Missing objects are NotFoundError (exists() answers False), bad keys InvalidInputError."""
+    with pytest.raises(NotFoundError):
+        store.get_bytes("nothing/here")
+    with pytest.raises(NotFoundError):
+        store.get_file("nothing/here", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert store.exists("nothing/here") is False
+    with pytest.raises(InvalidInputError):
+        store.get_bytes("/absolute")
+
+
+def test_missing_bucket_is_a_storage_error_not_absence(s3_env):
+    store = storage.open_storage("s3://no-such-bucket-here/p")
+    with pytest.raises(StorageError, match="does not exist"):
+        store.get_bytes("k")
+
+
+def test_fetch_object_is_atomic_and_reports_missing(s3_env, tmp_path):
+    store = storage.open_storage(f"s3://{BUCKET}/fetch")
+    store.put_bytes("obj.bin", b"payload")
+    dest = tmp_path / "d" / "obj.bin"
+    assert storage.fetch_object(store.uri("obj.bin"), dest) == dest and dest.read_bytes() == b"payload"
+    with pytest.raises(NotFoundError):
+        storage.fetch_object(store.uri("missing.bin"), tmp_path / "d" / "missing.bin")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["obj.bin"]  # no temporary left behind
+    with pytest.raises(NotFoundError, match="push the data first"):
+        storage.presign_s3_uri(store.uri("missing.bin"), 60, must_exist=True)
+    with pytest.raises(InvalidInputError):
+        storage.fetch_object("https://example.com/x", dest)
 
 
 def test_env_setting_picks_the_backend(tmp_path, monkeypatch):
@@ -70,7 +102,7 @@ def test_unreachable_endpoint_fails_clearly_in_bounded_time(monkeypatch):
     monkeypatch.setenv("NDS_S3_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
     monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 2)
     t0 = time.perf_counter()
-    with pytest.raises(NDSError, match="cannot reach S3"):
+    with pytest.raises(StorageError, match="cannot reach S3"):
         storage.open_storage("s3://bucket/p").get_bytes("k")
     assert time.perf_counter() - t0 < 20
 

@@ -24,9 +24,9 @@ TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS / "platform") not in sys.path:  # s3fixtures lives there (no packages under tests/)
     sys.path.insert(0, str(TESTS / "platform"))
 
-from nds.models import experts
-from nds.client.images import write_scores  # noqa: E402
 from nds.config import Workspace  # noqa: E402
+from nds.formats.bundle import load_bundle  # noqa: E402
+from nds.formats.scores import write_scores  # noqa: E402
 
 
 def copy_workspace(src: Path, dst: Path) -> Workspace:
@@ -58,7 +58,7 @@ def snapshot(*roots: Path) -> dict[str, str]:
 
 def valid_scores(ws: Workspace, *, favour: int = 0) -> dict:
     """A scores.json document for `ws`'s current bundle that favours expert `favour`."""
-    bundle = experts.load_bundle(ws.stage_dir("experts"), verify=False)
+    bundle = load_bundle(ws.stage_dir("experts"), verify=False)
     k = int(bundle["k"])
     scores = [0.5] * k
     scores[favour] = 0.9
@@ -68,7 +68,7 @@ def valid_scores(ws: Workspace, *, favour: int = 0) -> dict:
 
 def write_valid_scores(ws: Workspace, path: Path, *, favour: int = 0) -> Path:
     doc = valid_scores(ws, favour=favour)
-    bundle = experts.load_bundle(ws.stage_dir("experts"), verify=False)
+    bundle = load_bundle(ws.stage_dir("experts"), verify=False)
     write_scores(path, bundle=bundle, mode="rotation", scores=doc["scores"], seconds_per_expert=doc["seconds_per_expert"])
     return path
 

@@ -1,6 +1,6 @@
 """20 selection runs at once against one index: every manifest and warehouse row present, nothing corrupt.
 
-The runs go through `nds.selections.run_selection`, the body of the select flow's only task
+The runs go through `nds.select.service.run_selection`, the body of the select flow's only task
 (what the Prefect UI triggers): 16 in threads of this process and 4 in their own processes,
 all started together behind a barrier, publishing to one shared store.
 """
@@ -18,12 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow.parquet as pq
 
 from nds.formats import manifest
-
-from nds.select import service as selections
-
 from nds.platform import storage
-
 from nds.platform import warehouse
+from nds.select import service as selections
 from relhelpers import copy_workspace, write_valid_scores
 
 N_THREADS = 16

@@ -27,18 +27,14 @@ from PIL import Image
 from pydantic import ValidationError
 
 from nds.client import images as client
-
-from nds.evaluate import runner as evaluation
-
-from nds.formats import manifest
-
-from nds.index import stages as pipeline
-
-from nds.select import service as selections
-
-from nds.platform import warehouse
+from nds.client.fetch import fetch_experts
 from nds.config import Workspace
 from nds.errors import NDSError
+from nds.evaluate.request import EvaluateRequest
+from nds.formats import manifest
+from nds.index.stages import run_stage
+from nds.platform import warehouse
+from nds.select import service as selections
 
 from relhelpers import copy_workspace, run_cli, snapshot, valid_scores, write_valid_scores  # noqa: E402
 
@@ -224,7 +220,7 @@ def _duplicate_ids_corpus(c: Ctx) -> None:
     cat = cat.set_column(cat.schema.get_field_index("sample_id"), "sample_id", pa.array(ids, pa.string()))
     pq.write_table(cat, root / "data" / "catalog.parquet")
     try:
-        pipeline.run_stage("extract", Workspace(root), progress=False)
+        run_stage("extract", Workspace(root), progress=False)
     finally:
         assert not (root / "artifacts" / "extract").exists()
 
@@ -236,7 +232,7 @@ def _empty_cluster(c: Ctx) -> None:
     summary = json.loads((c.ws.stage_dir("cluster") / "clusters.json").read_text())
     summary["sizes"][2] = 0
     (root / "artifacts" / "cluster" / "clusters.json").write_text(json.dumps(summary))
-    pipeline.run_stage("train_experts", Workspace(root), progress=False)
+    run_stage("train_experts", Workspace(root), progress=False)
 
 
 def _tampered_manifest_download(c: Ctx) -> None:
@@ -345,15 +341,15 @@ CASES = [
                                               str(c.images({"a.png": b"\x89PNG\r\n\x1a\n"})), "--out", str(c.tmp / "s.json")),
      r"error: no readable image in .*a\.png: (not a readable|corrupt) image", r"give PNG/JPEG"),
     # -- expert bundle (nds client fetch-experts)
-    ("bundle-expert-tampered", lambda c: client.fetch_experts(str(c.bundle_copy(_tamper_expert)), c.tmp / "out"),
+    ("bundle-expert-tampered", lambda c: fetch_experts(str(c.bundle_copy(_tamper_expert)), c.tmp / "out"),
      r"expert_000\.pt does not match bundle\.json \(tampered or corrupt\)", r"fetch the bundle again"),
-    ("bundle-expert-missing", lambda c: client.fetch_experts(
+    ("bundle-expert-missing", lambda c: fetch_experts(
         str(c.bundle_copy(lambda b: (b / "expert_001.pt").unlink())), c.tmp / "out"),
      r"expert_001\.pt listed in bundle\.json is missing", r"re-export the bundle"),
-    ("bundle-json-edited", lambda c: client.fetch_experts(
+    ("bundle-json-edited", lambda c: fetch_experts(
         str(c.bundle_copy(_edit_bundle_json(lambda d: d["experts"].pop()))), c.tmp / "out"),
      r"bundle\.json was modified \(bundle checksum mismatch\)", r"fetch the bundle again"),
-    ("bundle-path-traversal", lambda c: client.fetch_experts(
+    ("bundle-path-traversal", lambda c: fetch_experts(
         str(c.bundle_copy(_edit_bundle_json(lambda d: d["experts"][0].__setitem__("file", "../../etc/passwd")))),
         c.tmp / "out"),
      r"lists expert file '\.\./\.\./etc/passwd', which is not a plain file name", r"refusing to fetch"),
@@ -395,14 +391,14 @@ CASES = [
     ("cli-download-tampered-manifest", _tampered_manifest_download,
      r"error: manifest .*manifest\.csv was modified after it was written", r"regenerate the selection"),
     # -- the evaluation flow's parameters (EvaluateRequest renders the Prefect form)
-    ("evaluate-unknown-task", lambda c: evaluation.EvaluateRequest(tasks=["imagenet"]),
+    ("evaluate-unknown-task", lambda c: EvaluateRequest(tasks=["imagenet"]),
      r"tasks\s.*unknown target task\(s\) \['imagenet'\]", r"choose from"),
-    ("evaluate-temperature-zero", lambda c: evaluation.EvaluateRequest(temperature=0),
+    ("evaluate-temperature-zero", lambda c: EvaluateRequest(temperature=0),
      r"temperature\s.*greater than 0", r"greater than 0"),
-    ("evaluate-unknown-strategy", lambda c: evaluation.EvaluateRequest(strategies=["best"]),
+    ("evaluate-unknown-strategy", lambda c: EvaluateRequest(strategies=["best"]),
      r"strategies\s.*must be some of", r"nds"),
-    ("evaluate-shots-zero", lambda c: evaluation.EvaluateRequest(shots=0), r"shots\s.*greater than or equal to 1", r"1"),
-    ("evaluate-unknown-field", lambda c: evaluation.EvaluateRequest(budget=[0.1]),
+    ("evaluate-shots-zero", lambda c: EvaluateRequest(shots=0), r"shots\s.*greater than or equal to 1", r"1"),
+    ("evaluate-unknown-field", lambda c: EvaluateRequest(budget=[0.1]),
      r"budget\s.*Extra inputs are not permitted", r"not permitted"),
 ]
 

@@ -14,8 +14,8 @@ import signal
 import subprocess
 import time
 
-from nds.platform import prefect_server as server
 from flows.cli import main as nds_main
+from nds.platform import prefect_server
 
 from relhelpers import TESTS, free_port, write_valid_scores
 
@@ -33,20 +33,20 @@ def test_worker_survives_a_server_restart(tiny_index, tmp_path):
     home, port = tmp_path / "prefect-home", free_port()
     assert nds_main(["server", "up", "--repo", str(REPO), "--home", str(home), "--port", str(port),
                      "--deployment", "select"]) == 0
-    state = server.read_state(home)
+    state = prefect_server.read_state(home)
     restarted = None
     try:
         os.killpg(state["pids"]["server"], signal.SIGKILL)  # the server dies; the worker keeps polling
         deadline = time.monotonic() + 30
-        while server._alive(state["pids"]["server"]) and time.monotonic() < deadline:
-            server._reap(state["pids"]["server"])
+        while prefect_server._alive(state["pids"]["server"]) and time.monotonic() < deadline:
+            prefect_server._reap(state["pids"]["server"])
             time.sleep(0.2)
         with open(home / "server-restarted.log", "ab") as log:
             restarted = subprocess.Popen(
-                server._prefect_cmd("server", "start", "--host", "127.0.0.1", "--port", str(port)),
-                cwd=home, env=server.server_env(home, None, REPO), stdout=log, stderr=subprocess.STDOUT,
+                prefect_server._prefect_cmd("server", "start", "--host", "127.0.0.1", "--port", str(port)),
+                cwd=home, env=prefect_server.server_env(home, None, REPO), stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
-        server.wait_healthy(state["api_url"], timeout_s=180, proc=restarted, log_path=home / "server-restarted.log")
+        prefect_server.wait_healthy(state["api_url"], timeout_s=180, proc=restarted, log_path=home / "server-restarted.log")
         with temporary_settings({PREFECT_API_URL: state["api_url"]}):
             run = run_deployment("select/select", timeout=300, parameters={
                 "request": {"scores_path": str(scores), "budget": 15, "seed": 5},
@@ -58,5 +58,5 @@ def test_worker_survives_a_server_restart(tiny_index, tmp_path):
         if restarted is not None:
             os.killpg(restarted.pid, signal.SIGTERM)
             restarted.wait(timeout=60)
-        server.server_down(home)
+        prefect_server.server_down(home)
     assert json.loads((tmp_path / "manifest" / "summary.json").read_text())["rows"] == 15

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from nds.models import experts
+from nds.formats.bundle import load_bundle
 from relhelpers import copy_workspace
 
 
@@ -21,7 +21,7 @@ def _stage(root, *extra):
 
 def test_killed_expert_training_resumes_with_only_the_missing_experts(tiny_index, tmp_path):
     src, _ = tiny_index
-    reference = experts.load_bundle(src.stage_dir("experts"))  # the uninterrupted run (index flow)
+    reference = load_bundle(src.stage_dir("experts"))  # the uninterrupted run (index flow)
     k = int(reference["k"])
     ws = copy_workspace(src.root, tmp_path / "ws")
     cache = ws.artifacts_dir / ".cache" / "experts"
@@ -48,7 +48,7 @@ def test_killed_expert_training_resumes_with_only_the_missing_experts(tiny_index
     trained = [line for line in rerun.stderr.splitlines() if "rotation acc" in line and "expert " in line]
     assert len(reused) == len(done) and len(trained) == k - len(done), rerun.stderr[-3000:]
 
-    resumed = experts.load_bundle(ws.stage_dir("experts"))  # verifies every expert's checksum
+    resumed = load_bundle(ws.stage_dir("experts"))  # verifies every expert's checksum
     assert resumed["index_version"] == reference["index_version"]
     assert resumed["bundle_sha256"] == reference["bundle_sha256"]
     assert [e["sha256"] for e in resumed["experts"]] == [e["sha256"] for e in reference["experts"]]

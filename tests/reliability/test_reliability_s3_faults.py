@@ -14,19 +14,17 @@ import time
 import boto3
 import pytest
 
-from nds.select import service as selections
-
-from nds.platform import storage
-
-from nds.platform import warehouse
-from nds.client.images import fetch_experts
+from nds.client.fetch import fetch_experts
 from nds.errors import NDSError
+from nds.platform import storage
+from nds.platform import warehouse
+from nds.select import service as selections
 
 from relhelpers import CuttingProxy, copy_workspace, write_valid_scores
 from s3fixtures import BUCKET, s3_server  # noqa: F401  (fixture)
 
 #: Attempts after the cut are accepted and closed at once and counted. One failed publish makes
-#: at most S3_MAX_ATTEMPTS for the upload plus as many for deleting its temporary key (nds/storage.py);
+#: at most S3_MAX_ATTEMPTS for the upload plus as many for deleting its temporary key (nds/platform/storage.py);
 #: s3transfer may add one more round of its own. Bounded either way: 3x the per-call limit.
 MAX_REFUSED = 3 * storage.S3_MAX_ATTEMPTS
 
@@ -77,7 +75,7 @@ def test_s3_dies_during_a_manifest_publish(ws, s3_server, tmp_path, monkeypatch)
     monkeypatch.setenv("NDS_S3_ENDPOINT_URL", s3_server)
     again = selections.run_selection(ws, request, selection_id=sid)
     # (A temporary key whose delete failed while the server was down stays behind; every reader
-    # ignores `*.tmp-*` keys, see nds.storage.S3Storage.list.)
+    # ignores `*.tmp-*` keys, see nds.platform.storage.S3Storage.list.)
     assert [k for k in _keys(s3_server, f"cut{cut_after}/manifests/{sid}/") if ".tmp-" not in k] == [
         f"cut{cut_after}/manifests/{sid}/{n}" for n in ("manifest.csv", "manifest.parquet", "summary.json")]
     clean = selections.run_selection(ws, request.model_copy(update={"out_name": "clean"}))

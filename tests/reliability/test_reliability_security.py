@@ -21,9 +21,9 @@ import boto3
 import pyarrow.csv as pacsv
 import pytest
 
-from nds.select import service as selections
-from nds.errors import NDSError
 from nds.client.download import check_not_expired
+from nds.errors import NDSError
+from nds.select import service as selections
 
 from relhelpers import copy_workspace, run_cli, write_valid_scores
 from s3fixtures import BUCKET, s3_server  # noqa: F401  (fixture)
@@ -153,9 +153,11 @@ def test_selection_ids_are_unguessable(team_run):
 
 def test_client_code_cannot_list_selections():
     """Listing selections needs the warehouse: the client-side modules never open it."""
-    for name in ("client.py", "export.py", "scoring.py"):
-        text = (REPO / "nds" / name).read_text()
-        assert "warehouse" not in re.sub(r'""".*?"""|#.*', "", text, flags=re.S), name
+    modules = sorted((REPO / "nds" / "client").glob("*.py"))
+    assert {"images.py", "download.py", "scoring.py"} <= {p.name for p in modules}
+    for path in modules:
+        text = path.read_text()
+        assert "warehouse" not in re.sub(r'""".*?"""|#.*', "", text, flags=re.S), path.name
 
 
 def test_no_credentials_in_tracked_files():

@@ -1,0 +1,188 @@
+"""Readers of a built corpus (``data/``): the catalog, images by (array, row) or by uri, the
+S3 object cache, and the image content hash corpus and client share.
+
+Layout of ``data/`` (other stages rely on it):
+
+- ``images/<dataset>.npy``: ``(n, IMAGE_SIZE, IMAGE_SIZE, 3) uint8``, rows in catalog order.
+- ``catalog.parquet``: one row per image, sorted by (dataset, sample_id), columns
+  ``CATALOG_COLUMNS``; ``uri`` is ``data/images/<dataset>.npy#<row>`` (relative to the
+  workspace root), ``array``/``row`` the same place relative to ``data/``. After
+  ``publish_corpus`` (``nds corpus publish s3://bucket/prefix``) ``uri`` is
+  ``s3://bucket/prefix/images/<dataset>.npy#<row>`` and ``array`` the object's ``s3://`` URI:
+  the images then live in S3 and readers fetch each object once into a local cache
+  (``<workspace>/.cache/corpus``, or ``$NDS_CORPUS_CACHE``).
+- ``corpus.json``: profile, counts per dataset and split, duplicates dropped and the
+  packages the images came from.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from nds.config import IMAGE_SIZE
+from nds.corpus.sources import HOLDOUT, SOURCE
+from nds.errors import InvalidInputError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+SPLITS = (SOURCE, HOLDOUT)
+
+CATALOG_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("dataset", pa.string()),
+        ("uri", pa.string()),
+        ("label", pa.string()),
+        ("split", pa.string()),
+        ("sha256", pa.string()),
+        ("array", pa.string()),
+        ("row", pa.int64()),
+    ]
+)
+CATALOG_COLUMNS = tuple(CATALOG_SCHEMA.names)
+CATALOG_FILE = "catalog.parquet"
+SUMMARY_FILE = "corpus.json"
+IMAGES_DIR = "images"
+
+CACHE_ENV = "NDS_CORPUS_CACHE"
+
+
+def image_sha256(image: np.ndarray) -> str:
+    """Content hash of one image as stored (uint8 bytes, C order): the catalog's ``sha256``."""
+    return hashlib.sha256(np.ascontiguousarray(image, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def load_catalog(data_dir: Path, *, split: str | None = SOURCE) -> pa.Table:
+    """The catalog, filtered to ``split`` ("source", "holdout"; None = every row).
+
+    Read, checked and filtered once per catalog file and split (cached, keyed like
+    ``_open_array``): stages call this per shard, and a 1e8-row catalog must not be re-read
+    and re-checked each time.
+    """
+    if split not in (*SPLITS, None):
+        raise InvalidInputError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)} (or None for all)")
+    path = Path(data_dir) / CATALOG_FILE
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise NotFoundError(f"no corpus catalog at {path}; run `nds corpus build --profile small`") from None
+    return _read_catalog(str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size, split)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_catalog(path: str, inode: int, mtime_ns: int, size: int, split: str | None) -> pa.Table:
+    if split is not None:
+        table = _read_catalog(path, inode, mtime_ns, size, None)
+        return table.filter(pc.equal(table.column("split"), split))
+    table = pq.read_table(path)
+    ids = table.column("sample_id")
+    if pc.count_distinct(ids).as_py() != table.num_rows:
+        # Selections, manifests and the warehouse's primary keys name samples by id alone:
+        # refuse here, before hours of indexing end in a constraint error or a doubled sample.
+        counts = pc.value_counts(ids)
+        dup = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+        raise InvalidInputError(
+            f"{path} has {len(dup)} duplicate sample_id(s) (e.g. {dup[0].as_py()!r}); sample ids must be "
+            "unique: rebuild the corpus (`nds corpus build`)"
+        )
+    return table
+
+
+@functools.lru_cache(maxsize=32)
+def _open_array(path: str, inode: int, mtime_ns: int) -> np.ndarray:
+    # inode and mtime are part of the key so a rebuilt corpus is never read from a
+    # memory map of the replaced file.
+    return np.load(path, mmap_mode="r")
+
+
+def corpus_cache_dir(data_dir: Path) -> Path:
+    """Where corpus objects that live in S3 are cached (one download per object)."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).resolve() if env else Path(data_dir).resolve().parent / ".cache" / "corpus"
+
+
+def split_uri(uri: str) -> tuple[str, int]:
+    """A catalog ``uri`` -> (``array``, row) for ``load_images``.
+
+    ``data/images/mnist.npy#12`` -> ("images/mnist.npy", 12) (relative to the corpus folder);
+    ``s3://bucket/prefix/images/mnist.npy#12`` -> ("s3://bucket/prefix/images/mnist.npy", 12).
+    """
+    path, sep, row = uri.rpartition("#")
+    if not sep or not row.isdigit() or not (path.startswith("data/") or path.startswith("s3://")):
+        raise InvalidInputError(f"unsupported sample uri {uri!r}: expected data/images/<dataset>.npy#<row> "
+                                "or s3://bucket/prefix/images/<dataset>.npy#<row>")
+    return (path if path.startswith("s3://") else path.removeprefix("data/")), int(row)
+
+
+def _cached_object(data_dir: Path, uri: str) -> Path:
+    """The local copy of the corpus object ``s3://bucket/key`` (downloaded on first use)."""
+    from urllib.parse import urlparse
+
+    from nds.platform import storage
+
+    parsed = urlparse(uri)
+    key = parsed.path.lstrip("/")
+    path = corpus_cache_dir(data_dir) / parsed.netloc / key
+    if ".." in Path(key).parts or not key:
+        raise InvalidInputError(f"corpus object {uri!r} has an unsafe key: fix the catalog (`nds corpus publish`)")
+    if not path.exists():
+        log.info("fetching corpus object %s -> %s", uri, path)
+        storage.fetch_object(uri, path)
+    return path
+
+
+def _array(data_dir: Path, array: str) -> np.ndarray:
+    path = _cached_object(data_dir, array) if array.startswith("s3://") else Path(data_dir) / array
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise NotFoundError(f"corpus array {path} is missing; run `nds corpus build --profile small`") from None
+    return _open_array(str(path), stat.st_ino, stat.st_mtime_ns)
+
+
+def load_images(data_dir: Path, arrays: Sequence[str], rows: np.ndarray) -> np.ndarray:
+    """Images at (``arrays[i]``, ``rows[i]``), in the given order.
+
+    ``arrays``: paths relative to ``data_dir`` (the catalog's ``array`` column);
+    ``rows: (n,) int``. Returns ``(n, IMAGE_SIZE, IMAGE_SIZE, 3) uint8``.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    names = np.asarray(arrays, dtype=object)
+    if names.shape != rows.shape or rows.ndim != 1:
+        raise InvalidInputError(f"arrays and rows must be 1-d and of equal length, got {names.shape} and {rows.shape}")
+    out = np.empty((len(rows), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    for name in dict.fromkeys(names.tolist()):
+        where = np.flatnonzero(names == name)
+        store = _array(data_dir, name)
+        wanted = rows[where]
+        if wanted.size and (wanted.min() < 0 or wanted.max() >= len(store)):
+            raise InvalidInputError(f"row out of range for {name} ({len(store)} rows)")
+        # Sorted reads walk the memory map forwards; then put them back in request order.
+        order = np.argsort(wanted, kind="stable")
+        out[where[order]] = store[wanted[order]]
+    return out
+
+
+def load_images_at(data_dir: Path, uris: Sequence[str]) -> np.ndarray:
+    """Images at catalog ``uris`` (``split_uri`` forms), in the given order."""
+    parsed = [split_uri(u) for u in uris]
+    return load_images(data_dir, [a for a, _ in parsed], np.asarray([r for _, r in parsed], dtype=np.int64))
+
+
+def iter_image_batches(data_dir: Path, catalog: pa.Table, batch_size: int) -> Iterator[np.ndarray]:
+    """``(<= batch_size, IMAGE_SIZE, IMAGE_SIZE, 3) uint8`` batches in catalog row order."""
+    if batch_size < 1:
+        raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, catalog.num_rows, batch_size):
+        part = catalog.slice(start, batch_size)
+        yield load_images(data_dir, part.column("array").to_pylist(), np.asarray(part.column("row").to_pylist()))

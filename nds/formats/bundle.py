@@ -1,0 +1,102 @@
+"""``bundle.json``: the self-describing, checksummed index of an expert bundle.
+
+The expert bundle (a folder of ``expert_XXX.pt`` files and ``bundle.json``) is what clients
+download. ``bundle.json`` records the network the experts share (architecture, input size,
+feature size, preprocessing; from ``nds.models.experts.bundle_fields``), one entry per expert
+file with its sha256, and ``bundle_sha256``, which ties a client's scores to this bundle.
+No torch here: the server and the client read the document without loading a network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from nds._io import file_sha256, write_text
+from nds.errors import InvalidInputError, NotFoundError
+
+BUNDLE_FORMAT = 1
+BUNDLE_FILE = "bundle.json"
+
+
+def write_bundle(
+    bundle_dir: Path, *, index_version: str, network: dict, experts: list[dict], extra: dict | None = None
+) -> dict:
+    """Write ``bundle.json`` (atomically) describing the expert files already in ``bundle_dir``.
+
+    network: architecture, input_size, feature_dim and preprocessing of the experts
+        (``nds.models.experts.bundle_fields(arch)``).
+    experts: [{"expert": k, "file": ..., "sha256": ..., "n_images": ..., ...}] in expert order.
+    """
+    bundle = {
+        "format": BUNDLE_FORMAT,
+        "index_version": index_version,
+        "k": len(experts),
+        "architecture": network["architecture"],
+        "input_size": network["input_size"],
+        "feature_dim": network["feature_dim"],
+        "preprocessing": network["preprocessing"],
+        "experts": experts,
+        **(extra or {}),
+    }
+    bundle["bundle_sha256"] = bundle_checksum(bundle)
+    write_text(Path(bundle_dir) / BUNDLE_FILE, json.dumps(bundle, indent=2, sort_keys=True))
+    return bundle
+
+
+def bundle_checksum(bundle: dict) -> str:
+    """sha256 over the index version and the expert checksums: what a client's scores are tied to."""
+    payload = json.dumps(
+        {"index_version": bundle["index_version"], "experts": [e["sha256"] for e in bundle["experts"]]},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def load_bundle(bundle_dir: Path, *, verify: bool = True) -> dict:
+    """Read ``bundle.json``; with ``verify``, check every expert file against its checksum."""
+    path = Path(bundle_dir) / BUNDLE_FILE
+    if not path.exists():
+        raise NotFoundError(f"{path} not found: point --experts at an expert bundle folder")
+    try:
+        bundle = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"{path} is not valid JSON ({exc}); fetch the bundle again") from exc
+    if bundle.get("bundle_sha256") != bundle_checksum(bundle):
+        raise InvalidInputError(f"{path} was modified (bundle checksum mismatch); fetch the bundle again")
+    if verify:
+        for e in bundle["experts"]:
+            f = Path(bundle_dir) / e["file"]
+            if not f.exists():
+                raise NotFoundError(f"expert file {f} listed in bundle.json is missing; fetch the bundle again")
+            if file_sha256(f) != e["sha256"]:
+                raise InvalidInputError(
+                    f"expert file {f} does not match bundle.json (tampered or corrupt); fetch the bundle again"
+                )
+    return bundle
+
+
+def parse_bundle(raw: bytes, where: str) -> dict:
+    """The JSON object in the bytes of a ``bundle.json`` (before its files are fetched)."""
+    try:
+        bundle = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{where} is not valid JSON ({exc}); fetch the bundle again") from exc
+    if not isinstance(bundle, dict):
+        raise InvalidInputError(f"{where} is not an expert bundle (expected a JSON object)")
+    return bundle
+
+
+def expert_files(bundle: dict, where: str) -> list[str]:
+    """File names listed in a bundle.json, refusing anything that would escape the bundle folder."""
+    try:
+        names = [e["file"] for e in bundle["experts"]]
+    except (KeyError, TypeError) as exc:
+        raise InvalidInputError(f"{where} is not an expert bundle (no experts[].file); fetch the bundle again") from exc
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise InvalidInputError(
+                f"{where} lists expert file {name!r}, which is not a plain file name; refusing to fetch it"
+            )
+    return names

@@ -1,0 +1,49 @@
+"""What the index stages share: their atomic output folders and reading earlier stages' artifacts.
+
+Each stage writes its folder under `artifacts/` atomically (build in a temporary sibling, then
+swap) and reads earlier stages only through their stored artifacts, never through memory.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nds._io import atomic_dir
+from nds.config import Workspace
+from nds.errors import NotFoundError
+
+
+@contextmanager
+def stage_output(ws: Workspace, name: str) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `artifacts/<name>` in one rename."""
+    with atomic_dir(ws.stage_dir(name)) as tmp:
+        yield tmp
+
+
+def read_json(path: Path) -> dict:
+    if not path.exists():
+        raise NotFoundError(f"{path} is missing: run the stage that makes it (`nds index` or `dvc repro`)")
+    return json.loads(path.read_text())
+
+
+def require(path: Path, stage: str) -> Path:
+    """`path` if it exists, else a NotFoundError naming the stage that makes it."""
+    if not path.exists():
+        raise NotFoundError(f"{path} is missing: run the `{stage}` stage first (`nds index` or `dvc repro {stage}`)")
+    return path
+
+
+def load_index_order(ws: Workspace) -> pa.Table:
+    """The source samples in feature/assignment order (written by the extract stage)."""
+    return pq.read_table(require(ws.stage_dir("extract") / "index.parquet", "extract"))
+
+
+def load_assignments(ws: Workspace) -> np.ndarray:
+    return np.load(require(ws.stage_dir("cluster") / "assignments.npy", "cluster"))
