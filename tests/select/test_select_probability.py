@@ -9,13 +9,14 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from nds.errors import InvalidInputError, NDSError
+from nds.errors import NDSError
 from nds.select.probability import (
     compute_expert_weights,
     compute_member_probabilities,
     compute_sample_probabilities,
     resolve_budget,
 )
+from selectfixtures import corpora
 
 
 # --------------------------------------------------------------------------- weights
@@ -133,16 +134,6 @@ def test_sample_probabilities_reject_bad_input(kwargs, fragment):
         compute_sample_probabilities(a, w, **kwargs)
 
 
-@st.composite
-def corpora(draw, max_n=40, max_k=6):
-    """(assignments, scores, temperature, eligible) for a small corpus."""
-    k = draw(st.integers(1, max_k))
-    n = draw(st.integers(1, max_n))
-    assignments = np.array(draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n)))
-    scores = draw(st.lists(st.floats(-10, 10), min_size=k, max_size=k))
-    temperature = draw(st.floats(0.05, 10))
-    eligible = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
-    return assignments, scores, temperature, eligible
 
 
 @given(corpora())

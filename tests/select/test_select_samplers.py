@@ -15,6 +15,7 @@ from nds.errors import InvalidInputError, NDSError
 from nds.select.probability import compute_expert_weights, compute_sample_probabilities
 from nds.select.samplers import DEFAULT_SAMPLER, probability_samplers, select_samples
 from nds.select.samplers import two_stage
+from selectfixtures import corpora
 
 # A goodness-of-fit test this strict fails by chance 1 time in 1000 per assertion; the
 # seeds are fixed, so a pass here is a pass forever.
@@ -26,17 +27,6 @@ def _successive_pair_probabilities(p: np.ndarray) -> dict[tuple[int, int], float
     return {(i, j): p[i] * p[j] / (1 - p[i]) for i, j in itertools.permutations(range(p.size), 2)}
 
 
-# Same corpora as test_select_probability.py.
-@st.composite
-def corpora(draw, max_n=40, max_k=6):
-    """(assignments, scores, temperature, eligible) for a small corpus."""
-    k = draw(st.integers(1, max_k))
-    n = draw(st.integers(1, max_n))
-    assignments = np.array(draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n)))
-    scores = draw(st.lists(st.floats(-10, 10), min_size=k, max_size=k))
-    temperature = draw(st.floats(0.05, 10))
-    eligible = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
-    return assignments, scores, temperature, eligible
 
 
 # --------------------------------------------------------------------------- registry
