@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   dataset-fashion-mnist                 # Fashion-MNIST 70k (IDX)
-  fonts-noto-core fonts-urw-base35 fonts-texgyre fonts-liberation2   # printed glyphs
+  fonts-noto-core fonts-urw-base35 fonts-texgyre fonts-liberation2   # printed glyphs (only these
+  fonts-dejavu-core fonts-dejavu-extra                               #  packages' fonts are read)
   fonts-humor-sans fonts-dkg-handwriting                             # handwriting-style glyphs
   openclipart-png                       # clip art, 23 categories
   crawl-tiles-data                      # game sprite sheets

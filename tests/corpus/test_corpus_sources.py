@@ -32,3 +32,48 @@ def test_every_source_has_an_install_hint():
 
 def test_every_dataset_has_one_registered_source_in_build_order():
     assert tuple(SOURCES.names()) == DATASETS
+
+
+def _fresh_glyph_fonts(glyphs):
+    glyphs._package_files.cache_clear()
+    glyphs._usable_fonts.cache_clear()
+    return glyphs._usable_fonts()
+
+
+def test_an_extra_font_in_the_font_folders_changes_nothing(tmp_path, monkeypatch):
+    """Only the named packages' fonts are drawn: a foreign font beside them is ignored."""
+    import shutil
+
+    from nds.corpus.sources import glyphs
+
+    before = _fresh_glyph_fonts(glyphs)
+    assert before, "the glyph packages of scripts/setup.sh are installed"
+    # A real, usable font under a new name, as another package (chromium's fonts-liberation 1.x) drops it.
+    extra = tmp_path / "fonts" / "truetype" / "other"
+    extra.mkdir(parents=True)
+    shutil.copy(before[0], extra / "ZzForeignSans-Regular.ttf")
+    shutil.copy(before[0], extra / f"{before[-1].stem}.ttf")  # same stem as a package font, sorted first
+    monkeypatch.setattr(glyphs, "FONT_DIRS", (tmp_path / "fonts", *glyphs.FONT_DIRS))
+    try:
+        after = _fresh_glyph_fonts(glyphs)
+        assert after == before
+        assert not any(str(p).startswith(str(tmp_path)) for p in glyphs._font_files())
+    finally:
+        monkeypatch.undo()
+        _fresh_glyph_fonts(glyphs)
+
+
+def test_a_missing_glyph_package_is_named_with_its_install_command(monkeypatch):
+    import pytest
+
+    from nds.corpus.sources import glyphs
+    from nds.errors import NotFoundError
+
+    monkeypatch.setattr(glyphs, "GLYPH_PACKAGES", (*glyphs.GLYPH_PACKAGES, "fonts-not-a-package"))
+    glyphs._package_files.cache_clear()
+    try:
+        with pytest.raises(NotFoundError, match="fonts-not-a-package not installed; install it with `apt-get install -y"):
+            glyphs._font_files()
+    finally:
+        monkeypatch.undo()
+        _fresh_glyph_fonts(glyphs)

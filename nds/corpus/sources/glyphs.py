@@ -1,9 +1,16 @@
-"""Printed glyphs: A-Z, a-z and 0-9 drawn with every usable system font (whole fonts held out)."""
+"""Printed glyphs: A-Z, a-z and 0-9 drawn with every usable font of the named Debian packages
+(whole fonts held out).
+
+Only files that `GLYPH_PACKAGES` install count: another package that drops a font into the
+same folders (installing chromium brings fonts-liberation 1.x) must not change the corpus,
+its data.dvc hash or any index version built on it.
+"""
 
 from __future__ import annotations
 
 import functools
 import re
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +23,10 @@ from nds.corpus.sources._base import Candidate, Source, split_by_hash
 from nds.corpus.sources._common import MARGIN_PX, debian_version, missing
 
 FONT_DIRS = (Path("/usr/share/fonts"), Path("/usr/share/texmf/fonts/opentype/public/tex-gyre"))
-INSTALL = "apt-get install -y fonts-noto-core fonts-urw-base35 fonts-liberation2 fonts-dejavu-core fonts-texgyre"
+#: The packages whose fonts the glyph source draws with; nothing else under FONT_DIRS is read.
+GLYPH_PACKAGES = ("fonts-noto-core", "fonts-urw-base35", "fonts-liberation2", "fonts-dejavu-core",
+                  "fonts-dejavu-extra", "fonts-texgyre", "fonts-humor-sans", "fonts-dkg-handwriting")
+INSTALL = "apt-get install -y " + " ".join(GLYPH_PACKAGES)
 
 GLYPH_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 #: Fonts whose Latin code points hold symbols (dingbats, Greek), come from another family
@@ -29,13 +39,33 @@ GLYPH_RENDER_PX = 64
 UNMAPPED_CODEPOINT = 0x10FFFD
 
 
+@functools.lru_cache(maxsize=1)
+def _package_files() -> frozenset[str]:
+    """Every path the GLYPH_PACKAGES installed, from dpkg's own file lists."""
+    owned: set[str] = set()
+    absent = []
+    for package in GLYPH_PACKAGES:
+        try:
+            listed = subprocess.run(["dpkg-query", "-L", package], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            raise missing("glyphs", "dpkg-query is not available (the glyph fonts come from Debian packages)") from None
+        if listed.returncode != 0:
+            absent.append(package)
+        owned.update(line.strip() for line in listed.stdout.splitlines() if line.strip())
+    if absent:
+        raise missing("glyphs", f"font package(s) {', '.join(absent)} not installed")
+    return frozenset(owned)
+
+
 def _font_files() -> list[Path]:
+    owned = _package_files()
     files = {}
     for folder in FONT_DIRS:
         if not folder.is_dir():
             continue
         for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() in {".ttf", ".otf"} and not GLYPH_FONT_SKIP.search(path.name):
+            if (path.suffix.lower() in {".ttf", ".otf"} and not GLYPH_FONT_SKIP.search(path.name)
+                    and str(path) in owned):
                 files.setdefault(path.stem, path)  # the stem names the font in sample ids
     return [files[stem] for stem in sorted(files)]
 
@@ -119,11 +149,9 @@ def _load(candidates: Sequence[Candidate], sources_dir: Path) -> list[np.ndarray
 
 
 def _describe(sources_dir: Path) -> dict:
-    packages = ("fonts-noto-core", "fonts-urw-base35", "fonts-liberation2", "fonts-dejavu-core",
-                "fonts-dejavu-extra", "fonts-texgyre", "fonts-humor-sans", "fonts-dkg-handwriting")
     return {
-        "package": ", ".join(packages),
-        "version": {p: v for p in packages if (v := debian_version(p))},
+        "package": ", ".join(GLYPH_PACKAGES),
+        "version": {p: v for p in GLYPH_PACKAGES if (v := debian_version(p))},
         "fonts": len(_usable_fonts()),
         "path": [str(d) for d in FONT_DIRS],
     }
