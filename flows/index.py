@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows._common import task_runner, workspace_and_params
@@ -13,8 +14,9 @@ from flows.compute_weights import compute_weights
 from flows.extract import extract
 from flows.train_experts import train_experts
 from nds._io import write_json
+from nds.errors import NDSError
 from nds.platform import dvc, storage
-from nds.report import index_summary_markdown, render_cluster_montage
+from nds.report import cluster_montage_markdown, index_summary_markdown, render_cluster_montage
 
 
 @task(name="dvc-commit")
@@ -49,6 +51,25 @@ def publish_bundle(root: str | None, index_version: str) -> str | None:
 def cluster_montage(root: str | None) -> str:
     ws, _ = workspace_and_params(root)
     return render_cluster_montage(ws, ws.artifacts_dir / "reports" / "cluster_montage.png")["path"]
+
+
+@task(name="refresh-select-form")
+def refresh_select_form(root: str | None) -> dict | None:
+    """After a build run as a deployment: the select form offers the new index's datasets."""
+    from prefect.runtime import deployment
+    from prefect.settings import PREFECT_API_URL
+
+    from nds.platform import prefect_ui
+
+    api = PREFECT_API_URL.value()
+    if not deployment.id or root is not None or not api:  # not the deployed workspace, or no server
+        return None
+    ws, _ = workspace_and_params(root)
+    try:
+        return prefect_ui.refresh_select_form(api, ws)
+    except NDSError as exc:  # the index is built; a stale form is refused at run time, clearly
+        get_run_logger().warning("select form not refreshed: %s", exc)
+        return None
 
 
 @task(name="write-summary")
@@ -95,14 +116,15 @@ def index(root: str | None = None, progress: bool = False, push: bool = True) ->
     summary["cluster_montage"] = cluster_montage(root)
     write_summary(root, summary)
     create_markdown_artifact(
-        key="index-summary", markdown=index_summary_markdown(summary, cl), description="NDS index build"
+        key="index-summary", markdown=index_summary_markdown(summary, cl),
+        description=f"NDS index {summary['index_version']}"
     )
     create_markdown_artifact(
         key="cluster-montage",
-        markdown=f"# What each expert covers\n\nOne row per expert, random members of its cluster: "
-        f"`{summary['cluster_montage']}`",
-        description="NDS cluster montage",
+        markdown=cluster_montage_markdown(Path(summary["cluster_montage"]).read_bytes(), summary["index_version"]),
+        description=f"NDS index {summary['index_version']}: what each expert covers",
     )
+    refresh_select_form(root)
     return summary
 
 

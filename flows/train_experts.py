@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from prefect import flow, task
+import os
+
+from prefect import flow, task, unmapped
 
 from flows._common import task_runner, workspace_and_params
 from nds.index import experts as experts_stage
+from nds.models.device import DEVICE_ENV
 
 
 @task(name="plan-experts")
@@ -15,9 +18,9 @@ def plan_experts(root: str | None) -> list[int]:
 
 
 @task(name="train-expert", retries=0)
-def train_expert(root: str | None, k: int) -> dict:
+def train_expert(root: str | None, k: int, device: str | None = None) -> dict:
     ws, params = workspace_and_params(root)
-    return experts_stage.train_one_expert(ws, params, k)
+    return experts_stage.train_one_expert(ws, params, k, device=device)
 
 
 @task(name="write-bundle")
@@ -31,15 +34,18 @@ def _workers(root: str | None) -> int:
 
 
 @flow(name="train_experts")
-def train_experts(root: str | None = None) -> dict:
+def train_experts(root: str | None = None, device: str | None = None) -> dict:
+    """device: auto | cpu | cuda | cuda:N for every expert (None: this process's $NDS_DEVICE, else
+    params.yaml). On a GPU, train_experts.workers experts share it, each on its own CUDA stream."""
+    device = device or os.environ.get(DEVICE_ENV) or None
     ks = plan_experts(root)
-    futures = train_expert.map(root, ks)
+    futures = train_expert.map(root, ks, unmapped(device))
     return write_bundle(root, [f.result() for f in futures])
 
 
-def train_experts_with_workers(root: str | None = None) -> dict:
+def train_experts_with_workers(root: str | None = None, device: str | None = None) -> dict:
     """Run the flow with as many concurrent expert tasks as train_experts.workers says (or on Dask)."""
-    return train_experts.with_options(task_runner=task_runner(_workers(root)))(root)
+    return train_experts.with_options(task_runner=task_runner(_workers(root)))(root, device)
 
 
 if __name__ == "__main__":

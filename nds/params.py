@@ -13,10 +13,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from nds._registry import CLUSTERERS, EXPERT_ARCHS, EXTRACTORS, WEIGHT_SCHEMES
 from nds.errors import InvalidInputError, NotFoundError
+from nds.models.device import check_device_spec, check_precision
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _checked(check, value: str) -> str:
+    try:
+        return check(value, where=None)
+    except InvalidInputError as exc:  # pydantic reports a ValueError under the key's name
+        raise ValueError(str(exc)) from None
+
+
+#: Fields that choose where a stage runs, not what it computes on the CPU: left out of the resume
+#: cache keys and of bundle.json, so CPU outputs stay byte-identical to before they existed.
+RUNTIME_FIELDS = frozenset({"device", "precision", "loader_workers"})
 
 
 class ExtractParams(_Section):
@@ -24,11 +37,27 @@ class ExtractParams(_Section):
     image_size: int = Field(64, ge=16, le=512)
     batch_size: int = Field(128, ge=1, le=8192)
     weights: str | None = None
+    #: auto | cpu | cuda | cuda:N ($NDS_DEVICE and --device override it).
+    device: str = "auto"
+    #: Inference precision on the device: auto (bf16/fp16 autocast on a GPU, fp32 on the CPU) | fp32 | bf16 | fp16.
+    precision: str = "auto"
+    #: DataLoader processes decoding batches on the accelerated path (the CPU path reads in-process).
+    loader_workers: int = Field(4, ge=0, le=64)
 
     @field_validator("extractor")
     @classmethod
     def _registered(cls, value: str) -> str:
         return EXTRACTORS.check(value)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return _checked(check_device_spec, value)
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, value: str) -> str:
+        return _checked(check_precision, value)
 
 
 class ClusterParams(_Section):
@@ -52,11 +81,18 @@ class TrainExpertsParams(_Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     workers: int = Field(2, ge=1)
     seed: int = 0
+    #: auto | cpu | cuda | cuda:N ($NDS_DEVICE and --device override it).
+    device: str = "auto"
 
     @field_validator("arch")
     @classmethod
     def _registered(cls, value: str) -> str:
         return EXPERT_ARCHS.check(value)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return _checked(check_device_spec, value)
 
 
 class ComputeWeightsParams(_Section):

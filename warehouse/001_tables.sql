@@ -1,8 +1,15 @@
--- Tables of the NDS warehouse. Executed in order by nds/warehouse.py; idempotent.
+-- Tables of the NDS warehouse. Executed in order by nds/platform/warehouse.py on every write
+-- connection, in one transaction; idempotent. Warehouses of older releases are upgraded in place
+-- (created_at TIMESTAMP -> TIMESTAMPTZ, taken as UTC) by warehouse.py, then stamped below.
+CREATE TABLE IF NOT EXISTS schema_version (
+    version         INTEGER PRIMARY KEY,   -- nds.platform.warehouse.SCHEMA_VERSION
+    applied_at      TIMESTAMPTZ NOT NULL
+);
+
 -- One row per completed index build; everything else hangs off index_version.
 CREATE TABLE IF NOT EXISTS index_versions (
     index_version   VARCHAR PRIMARY KEY,
-    created_at      TIMESTAMP NOT NULL,
+    created_at      TIMESTAMPTZ NOT NULL,
     params          JSON NOT NULL,      -- params.yaml sections used by the four stages
     corpus_md5      VARCHAR,            -- md5 of data/ recorded by DVC (data.dvc)
     git_rev         VARCHAR,            -- commit of the workspace, when it is a git repo

@@ -1,8 +1,8 @@
--- Transfer evaluations (nds/evaluation.py): one row per (task, strategy, budget, seed) run.
+-- Transfer evaluations (nds/evaluate/): one row per (task, strategy, budget, seed) run.
 -- An evaluation run replaces its own rows in one transaction.
 CREATE TABLE IF NOT EXISTS evaluations (
     evaluation_id     VARCHAR NOT NULL,
-    created_at        TIMESTAMP NOT NULL,
+    created_at        TIMESTAMPTZ NOT NULL,
     index_version     VARCHAR NOT NULL,
     task              VARCHAR NOT NULL,
     domain            VARCHAR,            -- the task's source domain (NULL for a user's own data)

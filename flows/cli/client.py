@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from nds.config import Workspace
+from nds.errors import InvalidInputError, NDSError
+from nds.models.device import DEVICE_HELP, device_argument
 
 
 def _cmd_client_fetch(args) -> int:
@@ -16,22 +17,53 @@ def _cmd_client_fetch(args) -> int:
     return 0
 
 
+#: Scorers that need no labels (the others need one subfolder per class, >= 2 classes).
+LABEL_FREE_MODES = ("rotation",)
+
+
+def _check_score_inputs(args):
+    """--out, --experts and --data, checked before any image is decoded; returns the data layout."""
+    from nds.client.images import inspect_client_data
+    from nds.formats.bundle import load_bundle
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise InvalidInputError(f"--out {out} is a folder: give a file name for scores.json (e.g. {out / 'scores.json'})")
+    if out.exists() and not args.overwrite:
+        raise InvalidInputError(f"--out {out} already exists: choose a new file, or pass --overwrite to replace it")
+    load_bundle(Path(args.experts), verify=False)  # present and intact; checksums are verified when scoring
+    try:
+        layout = inspect_client_data(Path(args.data))
+    except NDSError as exc:
+        raise type(exc)(f"--data {exc}") from exc
+    if args.mode not in LABEL_FREE_MODES and len(layout.class_names) < 2:
+        raise InvalidInputError(
+            f"--mode {args.mode} needs labelled images in >= 2 classes, but --data {args.data} holds "
+            f"{layout.describe()}: put them in one subfolder per class (or give an .npz with 'labels'), "
+            "or use --mode rotation, which needs no labels"
+        )
+    return layout
+
+
 def _cmd_client_score(args) -> int:
+    from nds.models.device import pick_device
+
+    pick_device(args.device)  # --device / $NDS_DEVICE: a missing GPU fails here, before any other work
+    layout = _check_score_inputs(args)
     from nds.client.images import compute_image_hashes, load_client_images
     from nds.client.scoring import score_experts
     from nds.formats.scores import write_scores
 
-    data = load_client_images(Path(args.data), progress=not args.quiet)
-    if data.n_skipped:
-        print(f"skipped {data.n_skipped} unreadable images (first: {data.skipped[0][0]}: {data.skipped[0][1]})", file=sys.stderr)
+    data = load_client_images(Path(args.data), progress=not args.quiet)  # logs skipped files itself
     result = score_experts(Path(args.experts), data, mode=args.mode, seed=args.seed, progress=not args.quiet,
-                           threads=args.threads)
+                           threads=args.threads, device=args.device)
     hashes = compute_image_hashes(data.images) if args.emit_hashes else None
     write_scores(Path(args.out), bundle=result.bundle, mode=args.mode, scores=result.scores,
-                 seconds_per_expert=result.seconds_per_expert, hashes=hashes)
+                 seconds_per_expert=result.seconds_per_expert, hashes=hashes, overwrite=args.overwrite)
     best = sorted(range(len(result.scores)), key=lambda k: -result.scores[k])[:5]
-    print(f"scored {len(result.scores)} experts ({args.mode}) on {len(data.images)} images in "
-          f"{sum(result.seconds_per_expert):.1f}s -> {args.out}")
+    print(f"wrote {args.out}: {len(result.scores)} {args.mode} scores of index {result.bundle['index_version']} "
+          f"({len(data.images)} {'' if layout.labelled else 'unlabelled '}images"
+          f"{', their hashes' if hashes else ''}; nothing else about them)")
     print("top experts: " + ", ".join(f"{k} ({result.scores[k]:.3f})" for k in best))
     return 0
 
@@ -52,18 +84,21 @@ def add_commands(sub) -> None:
     client = sub.add_parser("client", help="client side: fetch experts, score your data, download a selection")
     csub2 = client.add_subparsers(dest="client_command", required=True)
     fetch = csub2.add_parser("fetch-experts", help="download and verify the expert bundle")
-    fetch.add_argument("source", help="a local bundle folder or s3://bucket/prefix")
+    fetch.add_argument("source", help="a local bundle folder, s3://bucket/prefix or http(s)://HOST:8600/v1/bundle (nds serve)")
     fetch.add_argument("--out", required=True)
     fetch.set_defaults(func=_cmd_client_fetch)
     score = csub2.add_parser("score", help="fast adaptation: one score per expert (images stay local)")
     score.add_argument("--experts", required=True, help="expert bundle folder")
-    score.add_argument("--data", required=True, help="ImageFolder (class sub-folders) or .npz with images+labels")
-    score.add_argument("--out", required=True, help="scores.json to write")
+    score.add_argument("--data", required=True, help="ImageFolder (class sub-folders), a flat folder of images "
+                       "(unlabelled: rotation only) or .npz with images (+ labels)")
+    score.add_argument("--out", required=True, help="scores.json to write (an existing file needs --overwrite)")
+    score.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     score.add_argument("--mode", default="rotation", choices=SCORERS.names(),
                        help="scorer (default: rotation, the most domain-selective on the embedded tasks)")
     score.add_argument("--seed", type=int, default=0)
     score.add_argument("--threads", type=int, default=1,
                        help="torch threads while scoring (default 1: fastest for these small experts on shared cores)")
+    score.add_argument("--device", type=device_argument, help=DEVICE_HELP)
     score.add_argument("--emit-hashes", action="store_true",
                        help="add content hashes of your images so the server excludes exact duplicates")
     score.set_defaults(func=_cmd_client_score)
@@ -71,3 +106,6 @@ def add_commands(sub) -> None:
     dl.add_argument("--manifest", required=True, help="manifest folder or manifest.parquet/.csv")
     dl.add_argument("--out", required=True)
     dl.set_defaults(func=_cmd_client_download)
+    from flows.cli.serve import add_client_request
+
+    add_client_request(csub2)  # `nds client request` (the HTTP service)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from nds.config import Workspace
 from nds.errors import NDSError
+from nds.models.device import DEVICE_HELP, apply_device_option, device_argument
 
 
 def _cmd_evaluate(args) -> int:
@@ -39,6 +40,7 @@ def _cmd_evaluate(args) -> int:
         raise NDSError(f"--{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     from flows.evaluate import evaluate
 
+    apply_device_option(args.device)  # pre-training, fine-tuning and scoring read $NDS_DEVICE
     ws = Workspace.from_env(args.root)
     summary = evaluate(request, str(ws.root), progress=not args.quiet)
     print(summary["markdown"])
@@ -70,6 +72,7 @@ def add_commands(sub) -> None:
                     help="cap of pre-training steps (each selection trains 30 epochs within [300, cap] steps)")
     ev.add_argument("--finetune-steps", type=int)
     ev.add_argument("--finetune-mode", choices=["all", "last"], help="fine-tune every layer or head + last block")
+    ev.add_argument("--device", type=device_argument, help=DEVICE_HELP)
     ev.add_argument("--quick", action="store_true", help="tiny smoke profile: 1 task, 1 seed, 2 budgets, short training")
     ev.add_argument("--out", help="output folder (default: evaluations/<evaluation id>)")
     ev.add_argument("--target-accuracy", type=float, help="also print the budget predicted to reach this accuracy")

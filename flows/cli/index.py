@@ -7,6 +7,7 @@ import logging
 import time
 
 from nds.config import Workspace
+from nds.models.device import DEVICE_HELP, apply_device_option, device_argument
 
 log = logging.getLogger("nds")
 
@@ -17,11 +18,18 @@ def _corpus_profile(ws: Workspace) -> str | None:
 
 
 def _cmd_index(args) -> int:
+    from flows.cli._prefect import reachable_prefect_api
     from nds import report
     from nds.corpus.build import build_corpus
+    from nds.params import load_params
     from nds.platform import dvc
 
     ws = Workspace.from_env(args.root)
+    apply_device_option(args.device)
+    # Inputs first: a bad params.yaml or an unreachable PREFECT_API_URL is one line now, not a
+    # failed flow run after the corpus build. (No API configured: Prefect starts a temporary one.)
+    load_params(ws.params_path)
+    reachable_prefect_api()
     t0 = time.perf_counter()
     if args.rebuild_corpus or _corpus_profile(ws) != args.profile:
         info = build_corpus(ws, args.profile, progress=not args.quiet)
@@ -42,6 +50,7 @@ def _cmd_index(args) -> int:
 def _cmd_stage(args) -> int:
     from nds.index.stages import run_stage
 
+    apply_device_option(args.device)
     summary = run_stage(args.name, Workspace.from_env(args.root), progress=not args.quiet)
     log.info("%s done: %s", args.name, {k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
     return 0
@@ -81,10 +90,12 @@ def add_commands(sub) -> None:
     idx.add_argument("--profile", default="small", choices=PROFILES.names())
     idx.add_argument("--rebuild-corpus", action="store_true")
     idx.add_argument("--dvc-init", action="store_true", help="`dvc init` the workspace first if needed")
+    idx.add_argument("--device", type=device_argument, help=DEVICE_HELP)
     idx.set_defaults(func=_cmd_index)
 
     st = sub.add_parser("stage", help="run one index stage without Prefect (what dvc.yaml calls)")
     st.add_argument("name", choices=STAGES)
+    st.add_argument("--device", type=device_argument, help=DEVICE_HELP)
     st.set_defaults(func=_cmd_stage)
 
     status = sub.add_parser("status", help="what the warehouse holds")

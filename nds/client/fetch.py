@@ -74,7 +74,8 @@ def _fetch_s3(url: str, dest: Path) -> int:
 def fetch_experts(source: str, out_dir: Path) -> dict:
     """Download an expert bundle into ``out_dir`` and verify every checksum; return bundle.json.
 
-    source: a local bundle folder (or ``file://`` URL) or ``s3://bucket/prefix``. S3 uses
+    source: a local bundle folder (or ``file://`` URL), ``s3://bucket/prefix`` or an HTTP URL
+        (``nds serve``: ``http://HOST:8600/v1/bundle``). S3 uses
         the standard AWS credential chain; ``NDS_S3_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL``)
         points it at another S3 server. A DVC remote is not supported: ``dvc pull`` the
         experts stage and pass the folder instead.
@@ -89,9 +90,12 @@ def fetch_experts(source: str, out_dir: Path) -> dict:
     with atomic_dir(out_dir) as tmp:
         if source.startswith("s3://"):
             n_bytes = _fetch_s3(source, tmp)
+        elif source.startswith(("http://", "https://")):  # `nds serve` (<server>/v1/bundle) or any HTTP folder
+            from nds.client.request import fetch_bundle_http
+            n_bytes = fetch_bundle_http(source, tmp)
         elif "://" in source and not source.startswith("file://"):
             raise InvalidInputError(
-                f"unsupported bundle source {source!r}; use a local folder, file:// or s3://bucket/prefix"
+                f"unsupported bundle source {source!r}; use a local folder, file://, s3://bucket/prefix or http(s)://"
             )
         else:
             local = Path(source[len("file://"):] if source.startswith("file://") else source)
@@ -99,6 +103,7 @@ def fetch_experts(source: str, out_dir: Path) -> dict:
                 raise NotFoundError(f"bundle source {local} is not a folder; give the experts folder or an s3:// URL")
             n_bytes = _fetch_local(local, tmp)
         bundle = load_bundle(tmp, verify=True)
-    log.info("fetched %d experts (%.1f MB) from %s to %s in %.1fs; checksums verified",
+    # debug: the caller reports the outcome (`nds client fetch-experts` prints it once)
+    log.debug("fetched %d experts (%.1f MB) from %s to %s in %.1fs; checksums verified",
              bundle["k"], n_bytes / 1e6, source, out_dir, time.perf_counter() - t0)
     return bundle

@@ -61,6 +61,95 @@ class ClientData:
         return len(self.images)
 
 
+@dataclass(frozen=True)
+class DataLayout:
+    """What ``load_client_images`` would read from a path, found without decoding any image.
+
+    kind: "imagefolder" (one subfolder per class), "flat" (images without class folders,
+        unlabelled) or "npz".
+    n_images: image files (or npz images) found; class_names: sorted labels ([] if unlabelled).
+    """
+
+    path: Path
+    kind: str
+    n_images: int
+    class_names: list[str]
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.class_names)
+
+    def describe(self) -> str:
+        """E.g. '41 images in 10 classes (ImageFolder)' or '12 unlabelled images (a flat folder: no class sub-folders)'."""
+        if self.kind == "flat":
+            return f"{self.n_images} unlabelled images (a flat folder: no class sub-folders)"
+        if not self.labelled:
+            return f"{self.n_images} unlabelled images (an .npz without 'labels')"
+        n = len(self.class_names)
+        where = "ImageFolder" if self.kind == "imagefolder" else ".npz labels"
+        return f"{self.n_images} images in {n} class{'es' if n != 1 else ''} ({where})"
+
+
+def inspect_client_data(path: Path) -> DataLayout:
+    """Check a client data path and describe it, without decoding: for checks before any work.
+
+    Raises NotFoundError / InvalidInputError (naming the path and the fix) exactly where
+    ``load_client_images`` would before decoding: a missing path, a folder without image
+    files, a file that is not an .npz, an .npz without 'images' or with mismatched 'labels'.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise NotFoundError(f"{path} does not exist; give a folder of images (one subfolder per class) or an .npz file")
+    if path.is_dir():
+        files, skipped, empty = _list_folder(path)
+        if not files and not skipped:
+            raise InvalidInputError(_no_images_message(path))
+        if not files:
+            raise InvalidInputError(
+                f"{path} has class sub-folders ({len(empty)}) but no image files inside them ({len(skipped)} beside "
+                "them); "
+                "move the images into one subfolder per class, or give a folder without subfolders"
+            )
+        labels = {label for _, label in files if label is not None}
+        return DataLayout(path, "imagefolder" if labels or skipped else "flat", len(files), sorted(labels))
+    if path.suffix.lower() != ".npz":
+        raise InvalidInputError(f"{path} is neither a folder nor an .npz file; give a folder of images or an .npz")
+    try:
+        with np.load(path, allow_pickle=False) as z:  # a zip: the member list, then only the labels
+            names = list(z.files)
+            if "images" not in names:
+                raise InvalidInputError(
+                    f"{path} has no array named 'images' (found: {', '.join(sorted(names)) or 'none'}); "
+                    "save it with numpy.savez(path, images=..., labels=...)"
+                )
+            labels = z["labels"] if "labels" in names else None
+            n = _npz_length(z, "images")
+    except (OSError, ValueError, EOFError) as exc:
+        raise InvalidInputError(f"{path} is not a readable .npz file ({exc}); save it with numpy.savez") from exc
+    if labels is not None and (labels.ndim != 1 or len(labels) != n):
+        raise InvalidInputError(f"{path}: 'labels' has shape {labels.shape} but there are {n} images; give one label per image")
+    class_names = sorted({str(v) for v in labels.tolist()}) if labels is not None else []
+    return DataLayout(path, "npz", n, class_names)
+
+
+def _npz_length(z, name: str) -> int:
+    """Rows of array `name` in an open .npz, from its .npy header when numpy can (no array read)."""
+    from numpy.lib import format as npformat
+
+    readers = {(1, 0): npformat.read_array_header_1_0, (2, 0): npformat.read_array_header_2_0}
+    try:
+        with z.zip.open(f"{name}.npy") as fh:
+            shape = readers[npformat.read_magic(fh)](fh)[0]
+    except (KeyError, AttributeError):  # another header version or member layout: read the array
+        shape = z[name].shape
+    return int(shape[0]) if shape else 0
+
+
+def _no_images_message(root: Path) -> str:
+    return (f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); give a folder with one "
+            "subfolder per class (ImageFolder layout), a flat folder of images, or an .npz file")
+
+
 def _to_corpus_format(image) -> np.ndarray:
     """A decoded PIL image of any mode and size -> (32, 32, 3) uint8 (rules in the module doc)."""
     from PIL import Image
@@ -132,8 +221,8 @@ def _decode_file(path: Path, max_pixels: int) -> np.ndarray:
         raise _Skip(f"corrupt image ({type(exc).__name__}: {exc})") from exc
 
 
-def _list_folder(root: Path) -> tuple[list[tuple[Path, str | None]], list[tuple[str, str]]]:
-    """(file, class name or None) in ImageFolder order, and files set aside with the reason."""
+def _list_folder(root: Path) -> tuple[list[tuple[Path, str | None]], list[tuple[str, str]], list[Path]]:
+    """(file, class name or None) in ImageFolder order, files set aside with the reason, empty class folders."""
     def images_in(folder: Path, recursive: bool) -> list[Path]:
         found = folder.rglob("*") if recursive else folder.iterdir()
         return sorted(
@@ -145,27 +234,26 @@ def _list_folder(root: Path) -> tuple[list[tuple[Path, str | None]], list[tuple[
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     top_level = images_in(root, recursive=False)
     if not class_dirs:
-        return [(p, None) for p in top_level], []
+        return [(p, None) for p in top_level], [], []
     # ImageFolder layout: files next to the class folders have no class; they are reported.
     skipped = [(str(p), "outside the class folders") for p in top_level]
-    files = []
+    files, empty = [], []
     for d in class_dirs:
         members = images_in(d, recursive=True)
         if not members:
-            log.warning("class folder %s holds no image files (%s); it is ignored", d, ", ".join(IMAGE_EXTENSIONS))
+            empty.append(d)
         files.extend((p, d.name) for p in members)
-    return files, skipped
+    return files, skipped, empty
 
 
 def _load_folder(root: Path, max_pixels: int, progress: bool) -> tuple[list, list, list, list]:
     from tqdm.auto import tqdm
 
-    files, skipped = _list_folder(root)
+    files, skipped, empty = _list_folder(root)
     if not files and not skipped:
-        raise InvalidInputError(
-            f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); give a folder with one "
-            "subfolder per class (ImageFolder layout), a flat folder of images, or an .npz file"
-        )
+        raise InvalidInputError(_no_images_message(root))
+    for d in empty:
+        log.warning("class folder %s holds no image files (%s); it is ignored", d, ", ".join(IMAGE_EXTENSIONS))
     images, labels, paths = [], [], []
     with _pixel_limit(max_pixels):
         for path, label in tqdm(files, desc="decode client images", unit="img", disable=not progress, leave=False):
@@ -270,7 +358,11 @@ def load_client_images(path: Path, *, max_pixels: int = MAX_PIXELS, progress: bo
         n_skipped=len(skipped),
         skipped=skipped,
     )
-    log.info("client images: %d from %s (%d classes, %d skipped)", len(data), path, len(class_names), len(skipped))
+    if class_names:
+        what = f"{len(class_names)} class{'es' if len(class_names) != 1 else ''}"
+    else:  # a flat folder or an .npz without labels: fine for rotation scoring, which needs none
+        what = "unlabelled: " + ("a flat folder, no class sub-folders" if path.is_dir() else "no 'labels' in the .npz")
+    log.info("client images: %d from %s (%s, %d skipped)", len(data), path, what, len(skipped))
     return data
 
 

@@ -14,7 +14,8 @@ is one function registered in ``nds._registry.SCORERS``:
 
 The images are decoded once (``nds.client.images.load_client_images``) and, for ``rotation``,
 preprocessed and rotated once for all experts; each expert then runs over them in batches
-under ``torch.inference_mode``.
+under ``torch.inference_mode``. On a GPU (``device``: --device, $NDS_DEVICE, else auto) the
+prepared batches are uploaded once and every expert runs there; on the CPU nothing changes.
 """
 
 from __future__ import annotations
@@ -72,15 +73,22 @@ class ScoreResult:
 # --------------------------------------------------------------------------- helpers
 
 
-def compute_features(model, images: np.ndarray, *, batch_size: int = BATCH_SIZE) -> np.ndarray:
-    """Frozen expert features of ``images: (n, 32, 32, 3) uint8`` -> (n, feature_dim) float32."""
+def compute_features(model, images: np.ndarray, *, batch_size: int = BATCH_SIZE, device=None) -> np.ndarray:
+    """Frozen expert features of ``images: (n, 32, 32, 3) uint8`` -> (n, feature_dim) float32.
+
+    device: where ``model`` is (None: the CPU).
+    """
     import torch
 
     model.eval()
     out = []
     with torch.inference_mode():
         for s in range(0, len(images), batch_size):
-            out.append(model.features(experts.preprocess(images[s : s + batch_size])).numpy())
+            x = experts.preprocess(images[s : s + batch_size])
+            if device is not None:
+                out.append(model.features(x.to(device, non_blocking=True)).float().cpu().numpy())
+            else:
+                out.append(model.features(x).numpy())
     return np.concatenate(out).astype(np.float32, copy=False)
 
 
@@ -113,11 +121,12 @@ def _n_folds(codes: np.ndarray, names: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------- scorers
-# Each registers as mode -> scorer(model, images (n, 32, 32, 3) uint8, labels (n,) str | None, *, seed) -> float.
+# Each registers as mode -> scorer(model, images (n, 32, 32, 3) uint8, labels (n,) str | None, *, seed) -> float;
+# score_experts passes ``device=`` too when the model is on a GPU.
 
 
 @SCORERS.register("linear")
-def score_linear(model, images: np.ndarray, labels, *, seed: int = 0) -> float:
+def score_linear(model, images: np.ndarray, labels, *, seed: int = 0, device=None) -> float:
     """Mean stratified k-fold accuracy of a logistic-regression probe on frozen features.
 
     images: (n, 32, 32, 3) uint8; labels: (n,) str. k = min(5, smallest class size) >= 2.
@@ -131,7 +140,7 @@ def score_linear(model, images: np.ndarray, labels, *, seed: int = 0) -> float:
 
     codes, names = _label_codes(labels, "linear")
     folds = _n_folds(codes, names)
-    feats = compute_features(model, images).astype(np.float64)
+    feats = compute_features(model, images, device=device).astype(np.float64)
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=PROBE_C, max_iter=PROBE_MAX_ITER, solver="lbfgs"))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     with _one_blas_thread(), warnings.catch_warnings():
@@ -155,12 +164,12 @@ def rotated_batches(images: np.ndarray) -> list[tuple[object, object]]:
 
 
 @SCORERS.register("rotation")
-def score_rotation(model, images: np.ndarray, labels=None, *, seed: int = 0, prepared=None) -> float:
+def score_rotation(model, images: np.ndarray, labels=None, *, seed: int = 0, prepared=None, device=None) -> float:
     """Share of the four rotations of ``images: (n, 32, 32, 3) uint8`` the expert predicts right.
 
     prepared: ``rotated_batches(images)``, shared by all experts (made here if None).
     """
-    return float(experts.rotation_accuracy(model, images, batch_size=ROTATION_BATCH, batches=prepared))
+    return float(experts.rotation_accuracy(model, images, batch_size=ROTATION_BATCH, batches=prepared, device=device))
 
 
 def compute_logme(features: np.ndarray, codes: np.ndarray) -> float:
@@ -205,10 +214,10 @@ def compute_logme(features: np.ndarray, codes: np.ndarray) -> float:
 
 
 @SCORERS.register("logme")
-def score_logme(model, images: np.ndarray, labels, *, seed: int = 0) -> float:
+def score_logme(model, images: np.ndarray, labels, *, seed: int = 0, device=None) -> float:
     """LogME evidence of ``labels: (n,) str`` given the expert's features of ``images``."""
     codes, _ = _label_codes(labels, "logme")
-    feats = compute_features(model, images)
+    feats = compute_features(model, images, device=device)
     with _one_blas_thread():
         return compute_logme(feats, codes)
 
@@ -224,14 +233,18 @@ def score_experts(
     seed: int = 0,
     progress: bool = True,
     threads: int | None = SCORING_THREADS,
+    device: str | None = None,
 ) -> ScoreResult:
     """Score every expert in ``bundle_dir`` on the client's images with scorer ``mode``.
 
     data: ClientData from ``nds.client.images.load_client_images`` (images (n, 32, 32, 3) uint8).
     Returns ScoreResult with scores (K,) in bundle order and the seconds each expert took.
     threads: torch threads while scoring (None: leave torch's setting).
+    device: auto | cpu | cuda | cuda:N (None: $NDS_DEVICE, else auto).
     """
     from tqdm.auto import tqdm
+
+    from nds.models.device import is_cpu, pick_device
 
     if mode not in SCORERS:
         raise InvalidInputError(f"unknown scoring mode {mode!r}; choose one of: {', '.join(SCORERS.names())}")
@@ -246,12 +259,17 @@ def score_experts(
         codes, names = _label_codes(data.labels, mode)
         if scorer is score_linear:
             _n_folds(codes, names)
+    dev = pick_device(device)
     bundle = load_bundle(Path(bundle_dir), verify=True)
     if bundle.get("input_size") != experts.EXPERT_INPUT_SIZE:
         raise InvalidInputError(f"bundle input size {bundle.get('input_size')} is not {experts.EXPERT_INPUT_SIZE}; "
                                 "update nds to the version that made the bundle")
     # One decoded, preprocessed (and for rotation: rotated) pass of the images for all experts.
     prepared = {"prepared": rotated_batches(images)} if scorer is score_rotation else {}
+    if not is_cpu(dev):  # the prepared batches go up once; every expert runs on the device
+        if prepared:
+            prepared["prepared"] = [(x.to(dev), y.to(dev)) for x, y in prepared["prepared"]]
+        prepared["device"] = dev
     scores, seconds = [], []
     t_all = time.perf_counter()
     with experts.torch_threads(threads):
@@ -259,6 +277,8 @@ def score_experts(
                           leave=False):
             t0 = time.perf_counter()
             model, _ = experts.load_expert(Path(bundle_dir) / entry["file"], expected_sha256=entry["sha256"])
+            if not is_cpu(dev):
+                model = model.to(dev)
             scores.append(scorer(model, images, data.labels, seed=seed, **prepared))
             seconds.append(time.perf_counter() - t0)
             log.debug("expert %s: %s score %.4f in %.2fs", entry.get("expert"), mode, scores[-1], seconds[-1])

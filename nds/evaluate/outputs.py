@@ -168,7 +168,7 @@ def record_evaluation(ws: Workspace, results: pa.Table, *, evaluation_id: str, i
     """Insert one row per run into the warehouse ``evaluations`` table (one transaction)."""
     from nds.platform.warehouse import connect
 
-    created = datetime.now(timezone.utc).replace(tzinfo=None)
+    created = datetime.now(timezone.utc)  # evaluations.created_at is TIMESTAMPTZ
     params_json = json.dumps(params, sort_keys=True, default=str)
     rows = [[evaluation_id, created, index_version, *(r[c] for c in RESULT_COLUMNS), params_json]
             for r in results.to_pylist()]

@@ -71,7 +71,7 @@ def _selection_key(positions: np.ndarray, seed: int, config: TrainConfig) -> str
 def evaluate(ws: Workspace, tasks: Sequence[str | TargetTask], budgets: Sequence[float], *,
              strategies: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1, 2), shots: int = 10,
              test_per_class: int = 50, config: TrainConfig | None = None, temperature: float | None = None,
-             work_dir: Path | None = None, progress: bool = True) -> pa.Table:
+             work_dir: Path | None = None, progress: bool = True, device: str | None = None) -> pa.Table:
     """Run every (task, strategy, budget, seed); one row per run (``outputs.RESULT_COLUMNS``).
 
     ``tasks``: built-in names (``TASKS``; rebuilt per seed, so the few-shot split varies
@@ -81,17 +81,20 @@ def evaluate(ws: Workspace, tasks: Sequence[str | TargetTask], budgets: Sequence
     pre-trained on the same rows with the same seed is reused (``uniform`` and ``all`` do
     not depend on the task), so several tasks cost less than their sum.
     ``work_dir`` keeps the ``nds`` manifests (default: a temporary folder, removed).
+    ``device``: where pre-training, fine-tuning and scoring run (None: $NDS_DEVICE, else auto).
     """
+    from nds.models.device import is_cpu, pick_device
     from nds.models.experts import torch_threads
 
+    dev = pick_device(device)
     with torch_threads(TORCH_THREADS):
         return _evaluate(ws, tasks, budgets, strategies=strategies, seeds=seeds, shots=shots,
                          test_per_class=test_per_class, config=config, temperature=temperature,
-                         work_dir=work_dir, progress=progress)
+                         work_dir=work_dir, progress=progress, on={} if is_cpu(dev) else {"device": dev})
 
 
 def _evaluate(ws, tasks, budgets, *, strategies, seeds, shots, test_per_class, config, temperature, work_dir,
-              progress) -> pa.Table:
+              progress, on) -> pa.Table:
     from tqdm.auto import tqdm
 
     config = config or TrainConfig()
@@ -138,11 +141,11 @@ def _evaluate(ws, tasks, budgets, *, strategies, seeds, shots, test_per_class, c
                         key = _selection_key(positions, seed, config)
                         if key not in cache:
                             cache[key] = pretrain(pool.images[positions], pool.labels[positions], config=config,
-                                                  seed=seed, progress=progress)
+                                                  seed=seed, progress=progress, **on)
                         model = cache[key]
                     t1 = time.perf_counter()
                     acc = finetune_and_test(model, task.train_images, task.train_labels, task.test_images,
-                                            task.test_labels, config=config, seed=seed)
+                                            task.test_labels, config=config, seed=seed, **on)
                     rows.append({
                         "task": task.name, "domain": task.domain, "strategy": strategy, "budget": int(budget),
                         "budget_fraction": budget / pool.size, "seed": int(seed), "accuracy": float(acc),

@@ -89,7 +89,8 @@ def select_for_strategy(ws: Workspace, pool: SourcePool, strategy: str, budget: 
 def _select_nds(ws, pool, budget, *, seed, scores, temperature, manifest_dir) -> np.ndarray:
     import pyarrow.parquet as pq
 
-    from nds.select.service import DEFAULT_TEMPERATURE, SelectRequest, run_selection
+    from nds.select.request import DEFAULT_TEMPERATURE, SelectRequest
+    from nds.select.service import run_selection
 
     if scores is None:
         raise InvalidInputError("strategy 'nds' needs the client's scores (score_task)")
@@ -98,7 +99,7 @@ def _select_nds(ws, pool, budget, *, seed, scores, temperature, manifest_dir) ->
     own_dir = manifest_dir is None
     out = Path(tempfile.mkdtemp(prefix="nds-eval-manifest-")) if own_dir else Path(manifest_dir)
     try:
-        summary = run_selection(ws, request, out_dir=out)
+        summary = run_selection(ws, request, out_dir=out, origin="evaluation")  # not a client's request
         ids = pq.read_table(Path(summary["manifest_location"]) / "manifest.parquet",
                             columns=["sample_id"]).column("sample_id").to_pylist()
     finally:

@@ -7,6 +7,10 @@ properly (3,600 steps, ~20 epochs of the 22k-image ``small`` source) rather than
 tiny selections get a floor of steps. With ``pretrain_epochs=None`` every selection gets
 exactly ``pretrain_steps`` steps (equal compute whatever the budget). ``none`` and every
 pre-trained model get the identical fine-tuning recipe.
+
+``device`` (a ``torch.device``; None = the CPU) moves the data and the model there for training
+and testing; the random draws (batches, shifts) still come from the same CPU generator, and
+models are handed back on the CPU. On the CPU nothing changes.
 """
 
 from __future__ import annotations
@@ -103,6 +107,8 @@ def _augment(x, generator):
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     size = x.shape[-1]
     ar = torch.arange(size)
+    if x.device.type != "cpu":  # drawn on the CPU generator (the same shifts as there), used on the device
+        dx, dy, ar = dx.to(x.device, non_blocking=True), dy.to(x.device, non_blocking=True), ar.to(x.device)
     rows = (dy[:, None] + ar[None, :])[:, None, :, None].expand(n, x.shape[1], size, size + 2 * pad)
     out = torch.gather(padded, 2, rows)
     cols = (dx[:, None] + ar[None, :])[:, None, None, :].expand(n, x.shape[1], size, size)
@@ -110,10 +116,21 @@ def _augment(x, generator):
 
 
 def _train_loop(model, params, x, y, *, steps: int, batch: int, lr: float, seed: int, desc: str,
-                progress: bool, weight_decay: float = 5e-4) -> float:
-    """Adam with cosine decay for a fixed number of steps on (x: (n,3,32,32) float, y: (n,) long)."""
+                progress: bool, weight_decay: float = 5e-4, knob: str = "batch") -> float:
+    """Adam with cosine decay for a fixed number of steps on (x: (n,3,32,32) float, y: (n,) long).
+
+    x, y and model on one device; on a GPU the loss is read once, at the end (knob: the batch
+    setting an out-of-memory error names).
+    """
     import torch
     from tqdm.auto import tqdm
+
+    if x.device.type != "cpu":
+        from nds.models.device import gpu_memory_guard
+
+        with gpu_memory_guard(x.device, what=desc, knob=knob, value=batch):
+            return _device_loop(model, params, x, y, steps=steps, batch=batch, lr=lr, seed=seed, desc=desc,
+                                progress=progress, weight_decay=weight_decay)
 
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -139,11 +156,40 @@ def _train_loop(model, params, x, y, *, steps: int, batch: int, lr: float, seed:
     return loss
 
 
+def _device_loop(model, params, x, y, *, steps, batch, lr, seed, desc, progress, weight_decay) -> float:
+    """``_train_loop`` on a GPU: the same draws from the CPU generator, no per-step synchronisation."""
+    import torch
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    n = len(y)
+    batch = min(batch, n)
+    perm, at = torch.randperm(n, generator=g), 0
+    model.train()
+    last = None
+    for _ in tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False):
+        if at + batch > n:
+            perm, at = torch.randperm(n, generator=g), 0
+        idx = perm[at:at + batch].to(x.device, non_blocking=True)
+        at += batch
+        loss_t = loss_fn(model(_augment(x[idx], g)), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss_t.backward()
+        opt.step()
+        sched.step()
+        last = loss_t.detach()
+    return float(last) if last is not None else float("nan")
+
+
 def pretrain(images: np.ndarray, labels: np.ndarray, *, config: TrainConfig | None = None, seed: int = 0,
-             progress: bool = False):
+             progress: bool = False, device=None):
     """Train a fresh ``build_model`` on ``images: (n, 32, 32, 3) uint8`` with ``labels: (n,) str``.
 
-    ``pretrain_schedule(n, config)`` steps. Returns the model (its head is the source classifier).
+    ``pretrain_schedule(n, config)`` steps. Returns the model (its head is the source classifier),
+    on the CPU. device: a ``torch.device`` to train on (None: the CPU).
     """
     import torch
 
@@ -156,20 +202,24 @@ def pretrain(images: np.ndarray, labels: np.ndarray, *, config: TrainConfig | No
     torch.manual_seed(seed)
     model = build_model(len(names), width=config.width)
     x, y = preprocess(images), torch.from_numpy(codes.astype(np.int64))
+    if device is not None and device.type != "cpu":
+        model, x, y = model.to(device), x.to(device), y.to(device)
     loss = _train_loop(model, model.parameters(), x, y, steps=pretrain_schedule(len(images), config),
                        batch=config.pretrain_batch,
-                       lr=config.pretrain_lr, seed=seed, desc=f"pre-train ({len(images)} images)", progress=progress)
+                       lr=config.pretrain_lr, seed=seed, desc=f"pre-train ({len(images)} images)", progress=progress,
+                       knob="train.pretrain_batch")
     log.debug("pre-trained on %d images, %d classes: final loss %.3f", len(images), len(names), loss)
-    return model
+    return model.to("cpu") if device is not None and device.type != "cpu" else model
 
 
 def finetune_and_test(model, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
                       test_labels: np.ndarray, *, config: TrainConfig | None = None, seed: int = 0,
-                      progress: bool = False) -> float:
+                      progress: bool = False, device=None) -> float:
     """Replace the head, fine-tune on the train set, return test accuracy in [0, 1].
 
     ``model``: a pre-trained ``build_model`` (not modified: a copy is trained) or None for
     training from scratch. images: (n, 32, 32, 3) uint8; labels: (n,) str.
+    device: a ``torch.device`` to fine-tune and test on (None: the CPU).
     """
     import torch
 
@@ -204,12 +254,20 @@ def finetune_and_test(model, train_images: np.ndarray, train_labels: np.ndarray,
             p.requires_grad_(True)
         params = [{"params": last.parameters()}, {"params": net.head.parameters()}]
     x, y = preprocess(train_images), torch.from_numpy(codes.astype(np.int64))
+    on_device = device is not None and device.type != "cpu"
+    if on_device:
+        net, x, y = net.to(device), x.to(device), y.to(device)
+        # net.to moved the parameters in place: the optimiser's groups still hold them
     _train_loop(net, params, x, y, steps=config.finetune_steps, batch=config.finetune_batch,
-                lr=config.finetune_lr, seed=seed + 1, desc="fine-tune", progress=progress)
+                lr=config.finetune_lr, seed=seed + 1, desc="fine-tune", progress=progress, knob="train.finetune_batch")
     net.eval()
     correct = 0
     with torch.inference_mode():
         for s in range(0, len(test_images), 512):
-            pred = net(preprocess(test_images[s:s + 512])).argmax(1).numpy()
+            xs = preprocess(test_images[s:s + 512])
+            if on_device:
+                pred = net(xs.to(device)).argmax(1).cpu().numpy()
+            else:
+                pred = net(xs).argmax(1).numpy()
             correct += int((names[pred] == test_labels[s:s + 512]).sum())
     return correct / len(test_labels)

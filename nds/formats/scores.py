@@ -35,6 +35,7 @@ def write_scores(
     scores,
     seconds_per_expert,
     hashes: list[str] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Write ``scores.json`` atomically and return its content.
 
@@ -42,8 +43,16 @@ def write_scores(
     hashes: content hashes of the client's test images to exclude from the selection,
         only when the user asks (they reveal how many images there are); stored sorted
         and de-duplicated so they carry no order.
+    overwrite: replace an existing file at ``path`` (refused by default: a scores.json is
+        a record of what was scored; replacing it silently loses that).
     Nothing else about the client's data is written.
     """
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(f"{path} is a folder: give a file name for scores.json (e.g. {path / SCORES_FILE})")
+    if path.exists() and not overwrite:
+        raise InvalidInputError(f"{path} already exists: write to a new file, or replace it with overwrite=True "
+                                "(`nds client score --overwrite`)")
     doc = {
         "format": SCORES_FORMAT,
         "index_version": bundle.get("index_version"),
@@ -57,9 +66,8 @@ def write_scores(
     if hashes is not None:
         doc["exclude_sha256"] = sorted({str(h).lower() for h in hashes})
     doc = load_scores(doc)  # the same checks the server applies, before anything is written
-    path = Path(path)
     write_text(path, json.dumps(doc, indent=2) + "\n")
-    log.info("wrote %s: %d %s scores for index %s", path, doc["k"], mode, doc["index_version"])
+    log.debug("wrote %s: %d %s scores for index %s", path, doc["k"], mode, doc["index_version"])
     return doc
 
 

@@ -2,6 +2,11 @@
 
 Finished experts are kept in a resume cache keyed by what determines them, so an interrupted
 run trains only the missing experts. The index version ties samples, clusters and experts.
+
+Where experts train is ``train_experts.device`` (``NDS_DEVICE``, ``--device``). On the CPU the
+``workers`` experts trained at once split the cores; on a GPU they share it, each on its own CUDA
+stream (nds.models.expert_gpu). GPU-trained experts carry their device in the bundle and the
+index version; CPU bundles are byte-identical to those made before devices existed.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from nds.corpus.read import load_images_at
 from nds.errors import InvalidInputError
 from nds.formats.bundle import write_bundle
 from nds.index._artifacts import load_assignments, load_index_order, read_json, require, stage_output
+from nds.models.device import device_name, is_cpu, pick_device
 from nds.models.experts import EXPERT_INPUT_SIZE, bundle_fields, save_expert, train_expert
-from nds.params import Params
+from nds.params import RUNTIME_FIELDS, Params
 
 log = logging.getLogger(__name__)
 
@@ -40,25 +46,31 @@ def plan_experts(ws: Workspace, params: Params) -> list[int]:
     return list(range(summary["k"]))
 
 
-def _expert_key(member_ids: list[str], params: Params, k: int) -> str:
+def _expert_key(member_ids: list[str], params: Params, k: int, device=None) -> str:
     h = hashlib.sha256()
-    h.update(params.train_experts.model_dump_json().encode())
+    h.update(params.train_experts.model_dump_json(exclude=RUNTIME_FIELDS).encode())
+    if not is_cpu(device):  # the CPU keeps the keys it had before devices existed
+        h.update(f"device={device.type}".encode())
     h.update(f"expert={k}".encode())
     for sid in member_ids:
         h.update(sid.encode() + b"\0")
     return h.hexdigest()[:24]
 
 
-def train_one_expert(ws: Workspace, params: Params, k: int) -> dict:
-    """Train (or reuse from the resume cache) the expert of cluster `k`; returns its entry."""
+def train_one_expert(ws: Workspace, params: Params, k: int, *, device: str | None = None) -> dict:
+    """Train (or reuse from the resume cache) the expert of cluster `k`; returns its entry.
+
+    device: overrides params.yaml ``train_experts.device`` (like $NDS_DEVICE).
+    """
     import torch
 
     p = params.train_experts
+    dev = pick_device(device, p.device, where="params.yaml train_experts.device")
     assignments = load_assignments(ws)
     index = load_index_order(ws)
     members = np.flatnonzero(assignments == k)
     member_ids = [index.column("sample_id")[int(i)].as_py() for i in members]
-    key = _expert_key(member_ids, params, k)
+    key = _expert_key(member_ids, params, k, dev)
     cache = ws.artifacts_dir / EXPERT_CACHE / f"{key}.pt"
     meta_path = cache.with_suffix(".json")
     if cache.exists() and meta_path.exists():
@@ -79,10 +91,13 @@ def train_one_expert(ws: Workspace, params: Params, k: int) -> dict:
         lr=p.lr,
         val_fraction=p.val_fraction,
         seed=p.seed * 100_003 + k,
+        **({} if is_cpu(dev) else {"device": dev}),
     )
     meta = {"arch": p.arch, "expert": k, "input_size": EXPERT_INPUT_SIZE}
     sha = save_expert(model, cache, meta=meta)
     entry = {"expert": k, "file": f"expert_{k:03d}.pt", "sha256": sha, **metrics}
+    if not is_cpu(dev):  # recorded in bundle.json and the index version; CPU entries stay as they were
+        entry.update(device=dev.type, gpu=device_name(dev))
     write_json(meta_path, entry)
     entry = {**entry, "cache_file": str(cache), "reused": False}
     log.info("expert %d: %d images, rotation acc %.3f, %.1fs", k, len(images), metrics["rotation_accuracy"], metrics["train_seconds"])
@@ -97,6 +112,8 @@ def compute_index_version(ws: Workspace, entries: list[dict]) -> str:
     h.update(np.ascontiguousarray(load_assignments(ws)).tobytes())
     for e in sorted(entries, key=lambda e: e["expert"]):
         h.update(e["sha256"].encode())
+        if e.get("device", "cpu") != "cpu":  # GPU-trained experts: the version records it
+            h.update(f"device={e['device']}".encode())
     return h.hexdigest()[:16]
 
 
@@ -110,22 +127,27 @@ def finish_experts(ws: Workspace, params: Params, entries: list[dict]) -> dict:
             shutil.copyfile(e["cache_file"], out / e["file"])
             clean.append({k: v for k, v in e.items() if k not in ("reused", "cache_file")})
         extract_info = read_json(ws.stage_dir("extract") / "extract.json")
+        extra = {"extractor": extract_info.get("extractor"),
+                 "train_params": params.train_experts.model_dump(exclude=RUNTIME_FIELDS)}
+        gpus = sorted({f"{e['device']} ({e.get('gpu')})" for e in entries if e.get("device", "cpu") != "cpu"})
+        if gpus:
+            extra["train_device"] = ", ".join(gpus)
         bundle = write_bundle(
             out,
             index_version=version,
             network=bundle_fields(params.train_experts.arch),
             experts=clean,
-            extra={"extractor": extract_info.get("extractor"), "train_params": params.train_experts.model_dump()},
+            extra=extra,
         )
     accs = [e["rotation_accuracy"] for e in entries]
     log.info("experts: %d trained, rotation accuracy %.3f..%.3f, index %s", len(entries), min(accs), max(accs), version)
     return bundle
 
 
-def run_train_experts(ws: Workspace, params: Params) -> dict:
+def run_train_experts(ws: Workspace, params: Params, *, device: str | None = None) -> dict:
     """The `dvc repro` path: experts side by side in threads, as the Prefect flow's tasks run."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=params.train_experts.workers) as pool:
-        entries = list(pool.map(lambda k: train_one_expert(ws, params, k), plan_experts(ws, params)))
+        entries = list(pool.map(lambda k: train_one_expert(ws, params, k, device=device), plan_experts(ws, params)))
     return finish_experts(ws, params, entries)

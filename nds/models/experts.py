@@ -79,18 +79,25 @@ def preprocess(images: np.ndarray):
 
     if images.ndim != 4 or images.shape[1:] != (EXPERT_INPUT_SIZE, EXPERT_INPUT_SIZE, 3):
         raise InvalidInputError(f"experts take uint8 images of shape (n, 32, 32, 3), got {images.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().mul_(PREPROCESSING["scale"])
-    mean = torch.tensor(PREPROCESSING["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(PREPROCESSING["std"]).view(1, 3, 1, 1)
+    return normalise(torch.from_numpy(np.ascontiguousarray(images)))
+
+
+def normalise(x):
+    """uint8 tensor (n, 32, 32, 3) on any device -> normalised float (n, 3, 32, 32) on that device."""
+    import torch
+
+    x = x.permute(0, 3, 1, 2).float().mul_(PREPROCESSING["scale"])
+    mean = torch.tensor(PREPROCESSING["mean"], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(PREPROCESSING["std"], device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
 def rotate_batch(x):
-    """(n, C, H, W) -> all four rotations (4n, C, H, W) and their labels (4n,)."""
+    """(n, C, H, W) -> all four rotations (4n, C, H, W) and their labels (4n,), on x's device."""
     import torch
 
     rots = [torch.rot90(x, r, dims=(2, 3)) for r in range(N_ROTATIONS)]
-    labels = torch.arange(N_ROTATIONS).repeat_interleave(len(x))
+    labels = torch.arange(N_ROTATIONS, device=x.device).repeat_interleave(len(x))
     return torch.cat(rots), labels
 
 
@@ -100,11 +107,12 @@ def rotated_batches(images: np.ndarray, *, batch_size: int = 256) -> Iterator[tu
         yield rotate_batch(preprocess(images[s : s + batch_size]))
 
 
-def rotation_accuracy(model, images: np.ndarray, *, batch_size: int = 256, batches=None) -> float:
+def rotation_accuracy(model, images: np.ndarray, *, batch_size: int = 256, batches=None, device=None) -> float:
     """Share of the 4 rotations of `images: (n, 32, 32, 3) uint8` the model gets right.
 
     batches: ``list(rotated_batches(images))`` made once and shared by several models (the
     client scores every expert on the same images); made here batch by batch if None.
+    device: where ``model`` is (None: the CPU); batches are moved there (a no-op if already).
     """
     import torch
 
@@ -114,8 +122,12 @@ def rotation_accuracy(model, images: np.ndarray, *, batch_size: int = 256, batch
     correct = 0
     with torch.inference_mode():
         for x, y in batches if batches is not None else rotated_batches(images, batch_size=batch_size):
-            correct += int((model(x).argmax(1) == y).sum())
-    return correct / (N_ROTATIONS * len(images))
+            if device is not None:  # counted on the device: one synchronisation at the end
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                correct = (model(x).argmax(1) == y).sum() + correct
+            else:
+                correct += int((model(x).argmax(1) == y).sum())
+    return int(correct) / (N_ROTATIONS * len(images))
 
 
 @contextmanager
@@ -146,13 +158,23 @@ def train_expert(
     lr: float = 0.003,
     val_fraction: float = 0.1,
     seed: int = 0,
+    device=None,
 ) -> tuple[object, dict]:
     """Train one rotation expert on `images: (n, 32, 32, 3) uint8` (one cluster).
 
-    Returns (model, metrics). Deterministic for a given seed and thread count.
+    Returns (model, metrics), the model on the CPU. Deterministic for a given seed and thread
+    count on the CPU. device: a CUDA ``torch.device`` trains there (nds.models.expert_gpu: the
+    same recipe and sample order, not the same bytes); None or the CPU: this function's loop.
     """
     import torch
 
+    from nds.models.device import is_cpu
+
+    if not is_cpu(device):
+        from nds.models.expert_gpu import train_expert_on_device
+
+        return train_expert_on_device(images, arch=arch, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                                      lr=lr, val_fraction=val_fraction, seed=seed, device=device)
     n = len(images)
     if n == 0:
         raise InvalidInputError("cannot train an expert on an empty cluster; lower cluster.k in params.yaml")

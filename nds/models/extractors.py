@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -33,28 +33,85 @@ class Extractor:
     dim: int
     image_size: int
     model: "object"  # torch.nn.Module mapping a normalised batch to (n, dim)
+    #: None: the CPU path (fp32, in-process); else the torch.device of the accelerated path.
+    device: "object" = None
+    precision: str = "fp32"
+    channels_last: bool = False
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """images: (n, H, W, 3) uint8 -> (n, dim) float32."""
+    @property
+    def accelerated(self) -> bool:
+        """True when batches take the device path (a GPU, or an explicit reduced precision on the CPU)."""
+        return self.device is not None
+
+    def to(self, device, precision: str = "auto", *, channels_last: bool | None = None) -> "Extractor":
+        """This extractor on ``device`` with ``precision`` (nds.models.device.PRECISIONS).
+
+        The CPU at fp32 (what ``auto`` gives there) returns ``self`` unchanged: today's path.
+        channels_last: None = on for a GPU at reduced precision (where cuDNN's NHWC kernels help).
+        """
+        from nds.models.device import is_cpu, prepare_cuda, resolve_precision
+
+        precision = resolve_precision(precision, device)
+        if is_cpu(device) and precision == "fp32":
+            return self
         import torch
 
+        if channels_last is None:
+            channels_last = not is_cpu(device) and precision != "fp32"
+        if not is_cpu(device):
+            prepare_cuda()
+        model = self.model.to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return replace(self, model=model.eval(), device=device, precision=precision, channels_last=channels_last)
+
+    def __call__(self, images) -> np.ndarray:
+        """images: (n, H, W, 3) uint8 (numpy, or a torch tensor on the device path) -> (n, dim) float32."""
+        import torch
+
+        if self.accelerated:
+            return self._call_on_device(images)
         x = _to_tensor(images, self.image_size)
         with torch.inference_mode():
             return self.model(x).float().numpy()
 
+    def _call_on_device(self, images) -> np.ndarray:
+        import torch
+
+        from nds.models.device import autocast, gpu_memory_guard
+
+        t = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+        if t.ndim != 4 or t.shape[-1] != 3 or t.dtype != torch.uint8:
+            raise InvalidInputError(f"images must be uint8 (n, H, W, 3), got {t.dtype} {tuple(t.shape)}")
+        with gpu_memory_guard(self.device, what="extracting features", knob="extract.batch_size", value=len(t)), \
+                torch.inference_mode():
+            x = _normalise(t.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0), self.image_size)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.precision):
+                out = self.model(x)
+            return out.float().cpu().numpy()
+
+
+def _normalise(x, size: int):
+    """(n, 3, h, w) float in [0, 1] -> resized to ``size`` and ImageNet-normalised, on x's device."""
+    import torch
+    import torch.nn.functional as F
+
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
 
 def _to_tensor(images: np.ndarray, size: int):
     import torch
-    import torch.nn.functional as F
 
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise InvalidInputError(f"images must be uint8 (n, H, W, 3), got {images.dtype} {images.shape}")
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return _normalise(x, size)
 
 
 def _efficientnet_lite0(params: ExtractParams) -> Extractor:

@@ -1,9 +1,12 @@
 """A team Prefect set-up on one machine: API server, `process` work pool, deployments, a worker.
 
-`nds server up` starts `prefect server start` (analytics off), waits for /api/health,
-creates the `nds-process` work pool, runs `prefect deploy` from the repository root
-(prefect.yaml) and starts a worker; the process ids go into a state file so that
-`nds server down` stops exactly those processes and nothing else.
+`nds server up` starts `prefect server start` (analytics and promotional content off, the
+UI pointed at this server's own API), waits for /api/health, creates the `nds-process` work
+pool, runs `prefect deploy` from the repository root (prefect.yaml), sets up what operators
+see (prefect_ui: the select form's dataset choices, the current index's summary) and starts
+a worker; the process ids go into a state file so that `nds server down` stops exactly those
+processes and nothing else. Flows run from the repository checkout on a workspace (the
+repository itself unless another is given), the one whose index the form offers.
 
 Everything goes through the `prefect` command line (the stable interface); this module
 does not import Prefect.
@@ -15,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -46,23 +50,41 @@ def api_url(host: str, port: int) -> str:
     return f"http://{host}:{port}/api"
 
 
+#: Hosts that mean "every interface": not an address a browser can use.
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def ui_api_url(host: str, port: int) -> str:
+    """The API URL the UI's pages call from the browser: this server's own (Prefect's default is port 4200)."""
+    return api_url(socket.gethostname() if host in WILDCARD_HOSTS else host, port)
+
+
 def _prefect_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "prefect", *args]
 
 
-def server_env(home: Path, api: str | None, nds_root: Path) -> dict:
+def server_env(home: Path, api: str | None, nds_root: Path, *, workspace: Path | None = None,
+               ui_api: str | None = None) -> dict:
+    """The environment of the server (`ui_api`: what its UI calls), `prefect deploy` and the worker.
+
+    NDS_ROOT is the checkout for `prefect deploy` (prefect.yaml's pull step runs flows from it)
+    and `workspace` (default: the checkout) for the worker, whose flow runs read it.
+    """
     env = dict(os.environ)
     env.update(
         PREFECT_HOME=str(home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false",
         DVC_NO_ANALYTICS="1",
-        # prefect.yaml's pull step runs flows from this checkout.
-        NDS_ROOT=str(nds_root),
+        NDS_ROOT=str(workspace or nds_root),
     )
     env.update(schedule_env(nds_root))
-    env.pop("PREFECT_API_URL", None)
+    for name in ("PREFECT_API_URL", "PREFECT_UI_API_URL", "PREFECT_SERVER_UI_API_URL"):
+        env.pop(name, None)
     if api:
         env["PREFECT_API_URL"] = api
+    if ui_api:
+        env["PREFECT_UI_API_URL"] = ui_api
     # Scripts of this interpreter (prefect, dvc, nds) win on PATH for the flow-run processes.
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env
@@ -128,31 +150,43 @@ def server_up(
     port: int = 4200,
     deployments: list[str] | None = None,
     worker: bool = True,
+    workspace: Path | None = None,
+    ui_api: str | None = None,
     startup_timeout_s: float = STARTUP_TIMEOUT_S,
 ) -> dict:
     """Start server, work pool, deployments (all, or the named ones) and a worker; returns the state.
 
+    workspace: where flow runs find the corpus, the index and the warehouse (default: the
+    checkout). ui_api: the API URL the UI's pages call (default: this server's, see ui_api_url).
     The state (pids, API URL, log files) is written to `<home>/nds-server.json`. On any
     failure the processes started so far are stopped again.
     """
+    from nds.config import Workspace
+    from nds.platform import prefect_ui
+
     home = Path(home or default_home()).resolve()
     repo_root = Path(repo_root).resolve()
+    ws = Workspace(Path(workspace or repo_root).resolve())
     if not (repo_root / "prefect.yaml").exists():
         raise NDSError(f"{repo_root} has no prefect.yaml: run from the repository root or pass --repo")
+    if not ws.root.is_dir():
+        raise NDSError(f"workspace {ws.root} does not exist: pass --root a workspace folder (with params.yaml)")
     state_path = home / STATE_NAME
     if state_path.exists() and any(_alive(p) for p in read_state(home).get("pids", {}).values()):
         raise NDSError(f"a server from {state_path} is still running: `nds server down` first")
     home.mkdir(parents=True, exist_ok=True)
     api = api_url(host, port)
+    ui_api = ui_api or ui_api_url(host, port)
     env = server_env(home, api, repo_root)
     logs = {"server": home / "server.log", "worker": home / "worker.log"}
-    state = {"api_url": api, "ui_url": f"http://{host}:{port}", "home": str(home), "repo_root": str(repo_root),
+    state = {"api_url": api, "ui_url": f"http://{host}:{port}", "ui_api_url": ui_api, "home": str(home),
+             "repo_root": str(repo_root), "workspace": str(ws.root),
              "pids": {}, "logs": {k: str(v) for k, v in logs.items()}, "started_at": time.time()}
     t0 = time.monotonic()
     with open(logs["server"], "ab") as out:
         server = subprocess.Popen(
             _prefect_cmd("server", "start", "--host", host, "--port", str(port)),
-            cwd=home, env=server_env(home, None, repo_root), stdout=out, stderr=subprocess.STDOUT,
+            cwd=home, env=server_env(home, None, repo_root, ui_api=ui_api), stdout=out, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
     state["pids"]["server"] = server.pid
@@ -164,8 +198,10 @@ def server_up(
         names = ["--all"] if deployments is None else [a for n in deployments for a in ("--name", n)]
         run_prefect(["--no-prompt", "deploy", *names], env=env, cwd=repo_root)
         state["deployments"] = deployments or "all"
+        state["operator_view"] = prefect_ui.publish_operator_view(api, ws)
         if worker:
-            state["pids"]["worker"] = start_worker(env=env, cwd=repo_root, log_path=logs["worker"]).pid
+            worker_env = server_env(home, api, repo_root, workspace=ws.root)
+            state["pids"]["worker"] = start_worker(env=worker_env, cwd=repo_root, log_path=logs["worker"]).pid
     except BaseException:
         server_down(home)
         raise

@@ -5,6 +5,12 @@ The repository keeps the one copy of the DDL in `warehouse/`; a built wheel carr
 
 DuckDB allows one writer process per file, so every write opens, commits and closes its own
 connection inside one transaction: a reader never sees half an index version.
+
+Every connection opened here runs in UTC (`created_at` columns are TIMESTAMPTZ) and resolves
+relative file paths against the warehouse's own folder (`file_search_path`): the `selections`
+view reads `selections/*.parquet` next to the DuckDB file, so a copied warehouse folder reads
+its own copy. A warehouse written by an older release is upgraded in place by the first
+connection that may write (read-only connections try once, and go on read-only if it is locked).
 """
 
 from __future__ import annotations
@@ -53,12 +59,31 @@ def sql_files() -> list[Traversable]:
 
 @contextmanager
 def connect(path: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open the warehouse; writers get the schema applied first."""
+    """Open the warehouse; writers get the schema applied (and an older one upgraded) first."""
     path = Path(path)
     if read_only and not path.exists():
         raise NotFoundError(f"warehouse {path} does not exist yet; run `nds index` first")
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
+    con = _open(path, read_only)
+    try:
+        if read_only and _stored_schema_version(con) < SCHEMA_VERSION:
+            con.close()
+            _try_upgrade(path)
+            con = _open(path, read_only)
+        elif not read_only:
+            _apply_schema(con, path)
+        yield con
+    finally:
+        con.close()
+
+
+#: Bumped whenever the DDL changes in a way an existing warehouse must be upgraded for
+#: (2: TIMESTAMPTZ created_at, JSON audit columns, origin/requester/flow run id, relative view path).
+SCHEMA_VERSION = 2
+
+
+def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     try:
         con = duckdb.connect(str(path), read_only=read_only)
     except duckdb.IOException as exc:
@@ -70,27 +95,99 @@ def connect(path: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyC
         raise InvalidInputError(
             f"cannot open warehouse {path}: {str(exc).splitlines()[0]}; is it a DuckDB file?"
         ) from exc
+    # Session settings: UTC, and relative paths in views resolve against the warehouse's folder
+    # rather than the working directory (SET, not connect(config=...), which would clash with
+    # another connection to the same file in this process).
+    con.execute("SET TimeZone = 'UTC'")
+    con.execute("SET file_search_path = ?", [str(path.resolve().parent)])
+    return con
+
+
+def _stored_schema_version(con: duckdb.DuckDBPyConnection) -> int:
+    found = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() AND table_name = 'schema_version'"
+    ).fetchone()[0]
+    if not found:
+        return 0
+    return int(con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0])
+
+
+def _try_upgrade(path: Path) -> None:
+    """A read-only caller found an older schema: upgrade in place if the file may be written now."""
     try:
-        if not read_only:
-            for f in sql_files():
-                con.execute(_render(f.read_text(), path))
-        yield con
-    finally:
-        con.close()
+        with connect(path):
+            log.info("upgraded warehouse %s to schema %d", path, SCHEMA_VERSION)
+    except (StorageError, InvalidInputError, duckdb.Error) as exc:
+        log.warning("warehouse %s has an older schema and could not be upgraded now (%s); reading it as it is",
+                    path, str(exc).splitlines()[0])
+
+
+def _apply_schema(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Run the DDL files and the in-place upgrades in one transaction (idempotent)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for f in sql_files():
+            con.execute(_render(f.read_text(), path))
+        _upgrade_columns(con)
+        con.execute("INSERT OR IGNORE INTO schema_version VALUES (?, current_timestamp)", [SCHEMA_VERSION])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+#: Columns an older warehouse holds as naive TIMESTAMP (written in UTC) -> TIMESTAMPTZ.
+_TZ_UPGRADES = {
+    ("index_versions", "created_at"):
+        "ALTER TABLE index_versions ALTER created_at SET DATA TYPE TIMESTAMPTZ USING timezone('UTC', created_at)",
+    ("evaluations", "created_at"):
+        "ALTER TABLE evaluations ALTER created_at SET DATA TYPE TIMESTAMPTZ USING timezone('UTC', created_at)",
+}
+
+
+def _upgrade_columns(con: duckdb.DuckDBPyConnection) -> None:
+    for (table, column), alter in _TZ_UPGRADES.items():
+        kind = con.execute(
+            "SELECT data_type FROM duckdb_columns() WHERE database_name = current_database() "
+            "AND table_name = ? AND column_name = ?", [table, column],
+        ).fetchone()
+        if kind and kind[0] == "TIMESTAMP":
+            con.execute(alter)
+            log.info("warehouse: %s.%s is now TIMESTAMPTZ (UTC)", table, column)
+
+
+def check_origin(origin: str) -> str:
+    """`origin` of a selection's audit row: one of ORIGINS."""
+    if origin not in ORIGINS:
+        raise InvalidInputError(f"unknown selection origin {origin!r}: use one of {', '.join(ORIGINS)}")
+    return origin
+
+
+#: Where a selection was started: the `nds select` command line, a Prefect deployment run (UI or
+#: API), the HTTP selection service, or a transfer evaluation (not a client's request).
+ORIGINS = ("cli", "deployment", "service", "evaluation")
+#: JSON text columns: Parquet's JSON logical type, which DuckDB reads as JSON (pyarrow >= 19).
+_JSON = pa.json_() if hasattr(pa, "json_") else pa.string()
 
 
 #: One audit row per selection run, stored as its own Parquet file (see nds/select/service.py).
+#: created_at is UTC (stored naive, as rows written before schema 2 are; the view makes it TIMESTAMPTZ).
 SELECTIONS_SCHEMA = pa.schema(
     [
         ("selection_id", pa.string()), ("created_at", pa.timestamp("us")), ("index_version", pa.string()),
-        ("bundle_sha256", pa.string()), ("mode", pa.string()), ("parameters", pa.string()),
+        ("bundle_sha256", pa.string()), ("mode", pa.string()), ("parameters", _JSON),
         ("scores", pa.list_(pa.float64())), ("expert_weights", pa.list_(pa.float64())),
         ("manifest_location", pa.string()), ("manifest_sha256", pa.string()), ("n_selected", pa.int64()),
-        ("n_eligible", pa.int64()), ("counts_per_dataset", pa.string()), ("seconds", pa.float64()),
+        ("n_eligible", pa.int64()), ("counts_per_dataset", _JSON), ("seconds", pa.float64()),
+        ("origin", pa.string()), ("flow_run_id", pa.string()), ("requester", pa.string()),
+        ("datasets", pa.list_(pa.string())),
     ]
 )
-#: A zero-row file with the schema keeps the `selections` view valid before the first run.
+#: A zero-row file with the schema keeps the `selections` view valid before the first run
+#: (rewritten when the schema grows, so the view sees every column).
 SELECTIONS_SCHEMA_FILE = "_schema.parquet"
+#: The selections folder's glob as the view names it: relative, resolved against the warehouse folder.
+SELECTIONS_GLOB = "selections/*.parquet"
 
 
 def selections_folder(path: Path) -> Path:
@@ -99,17 +196,16 @@ def selections_folder(path: Path) -> Path:
 
 
 def _render(sql: str, path: Path) -> str:
-    """Fill the one template slot of the DDL: the selections glob (from configuration, not users)."""
+    """Fill the one template slot of the DDL: the selections glob, relative to the warehouse file."""
     if "{selections_glob}" not in sql:
         return sql
     folder = selections_folder(path)
     folder.mkdir(parents=True, exist_ok=True)
     schema_file = folder / SELECTIONS_SCHEMA_FILE
-    if not schema_file.exists():
+    if not schema_file.exists() or not pq.read_schema(schema_file).equals(SELECTIONS_SCHEMA):
         with atomic_file(schema_file) as tmp:
             pq.write_table(SELECTIONS_SCHEMA.empty_table(), tmp)
-    # DDL takes no bound parameters: quote the configured path as a SQL string literal.
-    return sql.replace("{selections_glob}", str(folder / "*.parquet").replace("'", "''"))
+    return sql.replace("{selections_glob}", SELECTIONS_GLOB)
 
 
 def load_index_version(
@@ -149,7 +245,7 @@ def load_index_version(
                 "INSERT INTO index_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     version,
-                    version_row.get("created_at") or datetime.now(timezone.utc).replace(tzinfo=None),
+                    _utc(version_row.get("created_at")),
                     json.dumps(version_row["params"], sort_keys=True),
                     version_row.get("corpus_md5"),
                     version_row.get("git_rev"),
@@ -166,6 +262,13 @@ def load_index_version(
         except BaseException:
             con.execute("ROLLBACK")
             raise
+
+
+def _utc(when: datetime | None) -> datetime:
+    """An aware UTC datetime for a TIMESTAMPTZ column (naive values are taken as UTC; None: now)."""
+    if when is None:
+        return datetime.now(timezone.utc)
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
 
 
 def query(path: Path, sql: str, params: list | None = None) -> list[dict]:

@@ -19,16 +19,13 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nds._io import atomic_file, new_run_id
-from nds._registry import SAMPLERS
 from nds.config import Workspace
 from nds.errors import InvalidInputError, NDSError, NotFoundError
 from nds.formats import manifest
@@ -36,50 +33,14 @@ from nds.formats.bundle import load_bundle
 from nds.formats.scores import load_scores
 from nds.index.layout import load_cluster_layout
 from nds.platform import warehouse
-from nds.select.probability import compute_expert_weights, compute_sample_probabilities, resolve_budget
+from nds.select.probability import (
+    compute_expert_weights, compute_member_probabilities, compute_sample_probabilities, resolve_budget,
+)
+from nds.select.request import DEFAULT_TEMPERATURE, SelectRequest  # noqa: F401  (re-exported)
 from nds.select.samplers import DEFAULT_SAMPLER, select_samples
 from nds.select.samplers.clustered import select_samples_clustered
 
 log = logging.getLogger(__name__)
-
-#: Softmax temperature over expert scores when the request names none. Scores are
-#: accuracies in [0, 1] whose spread between relevant and irrelevant experts is a few
-#: points to tens of points; see the README's temperature sweep for how this was chosen.
-DEFAULT_TEMPERATURE = 0.02
-
-#: `method` of a request: "auto" (see run_selection) or a registered sampler.
-SamplerChoice = Literal[("auto", *SAMPLERS.names())]
-
-
-class SelectRequest(BaseModel):
-    """Parameters of one selection (the Prefect UI renders this as a validated form)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    scores: dict | None = Field(None, description="The client's scores.json content, pasted as JSON.")
-    scores_path: str | None = Field(None, description="Or: path to a scores.json the server can read.")
-    budget: float = Field(..., gt=0, allow_inf_nan=False,
-                          description="Samples to select: a count (>= 1) or a fraction of the eligible samples (0 < f < 1).")
-    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, allow_inf_nan=False,
-                               description="Softmax temperature over expert scores; lower = more concentrated.")
-    seed: int = Field(0, description="Same seed and inputs -> the same manifest.")
-    datasets: list[str] | None = Field(None, description="Only select from these source domains.")
-    exclude: list[str] = Field(default_factory=list, description="sample_ids or sha256 content hashes to leave out.")
-    out_name: str | None = Field(None, description="Folder name under the manifests root (default: the selection id).")
-    method: SamplerChoice = Field(
-        "auto",
-        description="Sampler for the draw, all of one law: clustered (O(K + B) with the index's cluster "
-        "layout), es-keys (O(N)), two-stage; auto: clustered when the index has its layout, else es-keys.",
-    )
-    presign_expiry_s: int | None = Field(
-        None, ge=1, le=7 * 24 * 3600,
-        description="Also write urls.csv: presigned GET URLs of the selected corpus objects (S3 DVC remote), valid this many seconds.")
-
-    @model_validator(mode="after")
-    def _one_scores_source(self):
-        if (self.scores is None) == (self.scores_path is None):
-            raise ValueError("give exactly one of scores (the JSON) or scores_path (a file)")
-        return self
 
 
 @dataclass(frozen=True)
@@ -170,12 +131,17 @@ def selections_dir(ws: Workspace) -> Path:
 
 
 def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None = None,
-                  selection_id: str | None = None) -> dict:
+                  selection_id: str | None = None, origin: str = "cli", requester: str | None = None,
+                  flow_run_id: str | None = None, index: Index | None = None) -> dict:
     """Validate, draw, write the manifest, record the selection; returns the manifest summary.
 
     `out_dir` (a trusted local path, from the CLI) overrides `request.out_name`, which is
     resolved inside the manifests root and may not escape it. Nothing is written on bad input.
+    `origin` (one of warehouse.ORIGINS), `requester` and `flow_run_id` go into the audit row.
+    `index`: the index already in memory (a long-running server keeps it loaded); default:
+    read the current one from the workspace (load_current_index).
     """
+    origin = warehouse.check_origin(origin)
     t0 = time.perf_counter()
     selection_id = selection_id or new_selection_id()
     if out_dir is None:
@@ -184,21 +150,32 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
     else:
         target = Path(out_dir).resolve()
     scores = load_scores(request.scores if request.scores is not None else Path(request.scores_path))
-    index = load_current_index(ws)
+    index = index if index is not None else load_current_index(ws)
     check_scores(scores, index)
-    mask, n_excluded = eligible_mask(index, datasets=request.datasets,
-                                     exclude=list(request.exclude) + list(scores.get("exclude_sha256") or []))
-    n_eligible = int(mask.sum())
-    if n_eligible == 0:
-        raise InvalidInputError("no source sample is eligible after the dataset filter and exclusions: relax them")
-    budget = resolve_budget(_as_budget(request.budget), n_eligible)
-    weights = compute_expert_weights(scores["scores"], temperature=request.temperature)
-    p = compute_sample_probabilities(index.assignments, weights, eligible=mask)
-    if budget > int((p > 0).sum()):
-        raise InvalidInputError(f"budget {budget} exceeds the {int((p > 0).sum())} samples with non-zero probability: lower it")
+    exclude = list(request.exclude) + list(scores.get("exclude_sha256") or [])
     method = request.method
     if method == "auto":
         method = "clustered" if index.layout is not None else DEFAULT_SAMPLER
+    if method == "clustered" and index.layout is not None and request.datasets is None and not exclude:
+        # Nothing filtered: every sample is eligible and p(x) = member[c(x)] holds K numbers, so
+        # the request costs O(K + B), not O(N) (the values compute_sample_probabilities gives).
+        mask, n_excluded, n_eligible = None, 0, index.catalog.num_rows
+        sizes = np.diff(index.layout[1])
+        budget = resolve_budget(_as_budget(request.budget), n_eligible)
+        weights = compute_expert_weights(scores["scores"], temperature=request.temperature)
+        member = compute_member_probabilities(weights, sizes)
+        n_positive = int(sizes[member > 0].sum())
+    else:
+        mask, n_excluded = eligible_mask(index, datasets=request.datasets, exclude=exclude)
+        n_eligible = int(mask.sum())
+        if n_eligible == 0:
+            raise InvalidInputError("no source sample is eligible after the dataset filter and exclusions: relax them")
+        budget = resolve_budget(_as_budget(request.budget), n_eligible)
+        weights = compute_expert_weights(scores["scores"], temperature=request.temperature)
+        p = compute_sample_probabilities(index.assignments, weights, eligible=mask)
+        n_positive = int((p > 0).sum())
+    if budget > n_positive:
+        raise InvalidInputError(f"budget {budget} exceeds the {n_positive} samples with non-zero probability: lower it")
     t_draw = time.perf_counter()
     if method == "clustered":
         if index.layout is None:
@@ -206,13 +183,16 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
                                 "(`nds stage compute_weights`) or use method es-keys")
         picked = select_samples_clustered(
             index.layout, weights, budget, seed=request.seed,
-            excluded=None if mask.all() else np.flatnonzero(~mask), assignments=index.assignments,
+            excluded=None if mask is None or mask.all() else np.flatnonzero(~mask), assignments=index.assignments,
         )
     else:
         picked = select_samples(p, budget, seed=request.seed, method=method,
                                 assignments=index.assignments)
     draw_s = time.perf_counter() - t_draw
-    table = manifest.build_manifest(index.catalog, picked, p, index.assignments)
+    # Only the B drawn rows are read (the same table as build_manifest over the whole catalog).
+    chosen_p = member[index.assignments[picked]] if mask is None else p[picked]
+    table = manifest.build_manifest(index.catalog.select(list(manifest.CATALOG_COLUMNS)).take(picked),
+                                    np.arange(picked.size), chosen_p, index.assignments[picked])
     params = request.model_dump(exclude={"scores", "scores_path", "exclude"})
     params["n_exclude"] = len(request.exclude)
     presigned = None
@@ -246,7 +226,8 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
             summary["local_manifest"] = str(target)
             summary["manifest_location"] = store_uri
         summary["seconds"] = round(time.perf_counter() - t0, 3)
-        record_selection(ws, summary, scores=scores["scores"])
+        record_selection(ws, summary, scores=scores["scores"], origin=origin, requester=requester,
+                         flow_run_id=flow_run_id, datasets=request.datasets)
     except BaseException:
         # A failed run leaves no manifest that no selection row points at: nobody downloads an
         # unrecorded selection, and a retry under the same name is not refused as a clash.
@@ -328,11 +309,17 @@ def _as_budget(value: float) -> int | float:
     return float(value)
 
 
-def record_selection(ws: Workspace, summary: dict, *, scores: list[float]) -> Path:
-    """Append the selection's audit row as its own Parquet file (atomic rename)."""
+def record_selection(ws: Workspace, summary: dict, *, scores: list[float], origin: str = "cli",
+                     requester: str | None = None, flow_run_id: str | None = None,
+                     datasets: list[str] | None = None) -> Path:
+    """Append the selection's audit row as its own Parquet file (atomic rename).
+
+    `origin` (warehouse.ORIGINS), `requester`, `flow_run_id` and the dataset filter (None: all)
+    tell a client's request from a test or an evaluation in the `selections` view.
+    """
     row = {
         "selection_id": summary["selection_id"],
-        "created_at": datetime.now(timezone.utc).replace(tzinfo=None),
+        "created_at": datetime.now(timezone.utc).replace(tzinfo=None),  # UTC; the view reads it as TIMESTAMPTZ
         "index_version": summary["index_version"],
         "bundle_sha256": summary["bundle_sha256"],
         "mode": summary["mode"],
@@ -345,6 +332,10 @@ def record_selection(ws: Workspace, summary: dict, *, scores: list[float]) -> Pa
         "n_eligible": summary["n_eligible"],
         "counts_per_dataset": json.dumps(summary["counts_per_dataset"], sort_keys=True),
         "seconds": summary["seconds"],
+        "origin": warehouse.check_origin(origin),
+        "flow_run_id": None if flow_run_id is None else str(flow_run_id),
+        "requester": requester,
+        "datasets": None if datasets is None else [str(d) for d in datasets],
     }
     final = selections_dir(ws) / f"{summary['selection_id']}.parquet"
     with atomic_file(final) as tmp:

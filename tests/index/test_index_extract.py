@@ -31,3 +31,58 @@ def test_sharded_extraction_resumes_and_equals_one_pass(tiny_index, tmp_path):
     assert not list((ws.artifacts_dir / EXTRACT_CACHE).glob("*.npy")), "cache cleared after success"
     with pytest.raises(NDSError, match="do not cover"):
         finish_extract(ws, params, [])
+
+
+def _copy(tiny_index, tmp_path):
+    import shutil
+
+    src, _ = tiny_index
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(src.root, ws.root, ignore=shutil.ignore_patterns("*.duckdb*", ".cache"))
+    return ws
+
+
+def test_device_path_reads_batches_in_workers_and_keys_its_shards_apart(tiny_index, tmp_path):
+    """The accelerated path (DataLoader worker processes, autocast) on the CPU with precision bf16:
+    features of the same rows, close to the fp32 ones, cached under their own key; the default
+    CPU path is untouched by it and still equals the index's features bit for bit."""
+    import numpy as np
+
+    from nds.params import load_params
+
+    ws = _copy(tiny_index, tmp_path)
+    params = load_params(ws.params_path)
+    one_pass = np.load(ws.stage_dir("extract") / "features.npy")
+    bf16 = params.model_copy(update={"extract": params.extract.model_copy(
+        update={"device": "cpu", "precision": "bf16", "loader_workers": 2})})
+    (a, b), *_ = plan_extract(ws, bf16, shard_batches=2)
+    dev = extract_shard(ws, bf16, a, b)
+    assert (dev["device"], dev["precision"], dev["reused"]) == ("cpu", "bf16", False)
+    got = np.load(dev["file"])
+    assert got.shape == one_pass[a:b].shape and got.dtype == np.float16
+    assert not np.array_equal(got, one_pass[a:b])
+    assert np.corrcoef(got.astype(np.float32).ravel(), one_pass[a:b].astype(np.float32).ravel())[0, 1] > 0.99
+    cpu = extract_shard(ws, params, a, b)
+    assert cpu["file"] != dev["file"] and cpu["precision"] == "fp32"
+    assert np.array_equal(np.load(cpu["file"]), one_pass[a:b])
+    assert extract_shard(ws, bf16, a, b)["reused"]
+
+
+def _daemon_workers(q):
+    from nds.index.extract import loader_workers
+
+    q.put(loader_workers(4))
+
+
+def test_no_dataloader_processes_inside_a_daemonic_process():
+    """Dask's nanny runs workers as daemonic processes, which may not fork: read in-process there."""
+    import multiprocessing
+
+    from nds.index.extract import loader_workers
+
+    assert loader_workers(4) == 4 and loader_workers(0) == 0
+    q = multiprocessing.get_context("fork").Queue()
+    p = multiprocessing.get_context("fork").Process(target=_daemon_workers, args=(q,), daemon=True)
+    p.start()
+    p.join(60)
+    assert q.get(timeout=5) == 0
