@@ -181,27 +181,28 @@ def test_cli_device_option_exports_the_setting(monkeypatch):
 # --------------------------------------------------------------------------- evaluation training
 
 
-def test_evaluation_device_loop_matches_the_cpu_loop_on_the_cpu():
-    """The GPU loop draws the same batches and shifts from the same CPU generator: on the CPU
-    it computes exactly what the CPU loop computes (so the GPU differs only in arithmetic)."""
+def test_evaluation_training_loop_is_seeded_on_every_device():
+    """One loop serves CPU and GPU; its batches and shifts come only from `seed` (a CPU
+    generator), so the same seed gives the same weights and another seed other weights."""
     import numpy as np
 
     torch = _torch()
-    from nds.evaluate.training import _device_loop, _train_loop, build_model
+    from nds.evaluate.training import _train_loop, build_model
     from nds.models.experts import preprocess
 
     rng = np.random.default_rng(0)
     x = preprocess(rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8))
     y = torch.from_numpy(rng.integers(0, 3, 40).astype(np.int64))
     out = []
-    for loop in (_train_loop, _device_loop):
+    for seed in (1, 1, 2):
         torch.manual_seed(0)
         model = build_model(3, width=8)
-        loss = loop(model, model.parameters(), x, y, steps=5, batch=16, lr=0.01, seed=1, desc="t", progress=False,
-                    weight_decay=5e-4)
+        loss = _train_loop(model, model.parameters(), x, y, steps=5, batch=16, lr=0.01, seed=seed, desc="t",
+                           progress=False, weight_decay=5e-4)
         out.append((loss, [p.detach().clone() for p in model.state_dict().values()]))
     assert out[0][0] == out[1][0]
     assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
+    assert not all(torch.equal(a, b) for a, b in zip(out[0][1], out[2][1]))
 
 
 def test_pretrain_and_finetune_take_a_cpu_device_as_the_cpu_path():

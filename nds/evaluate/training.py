@@ -119,45 +119,21 @@ def _train_loop(model, params, x, y, *, steps: int, batch: int, lr: float, seed:
                 progress: bool, weight_decay: float = 5e-4, knob: str = "batch") -> float:
     """Adam with cosine decay for a fixed number of steps on (x: (n,3,32,32) float, y: (n,) long).
 
-    x, y and model on one device; on a GPU the loss is read once, at the end (knob: the batch
-    setting an out-of-memory error names).
+    x, y and model on one device. Batches and shifts come from one CPU generator on every
+    device, and the loss is read once, at the end, so a GPU never waits on a per-step sync
+    (knob: the batch setting an out-of-memory error names).
     """
-    import torch
-    from tqdm.auto import tqdm
+    if x.device.type == "cpu":
+        return _run_steps(model, params, x, y, steps=steps, batch=batch, lr=lr, seed=seed, desc=desc,
+                          progress=progress, weight_decay=weight_decay)
+    from nds.models.device import gpu_memory_guard
 
-    if x.device.type != "cpu":
-        from nds.models.device import gpu_memory_guard
-
-        with gpu_memory_guard(x.device, what=desc, knob=knob, value=batch):
-            return _device_loop(model, params, x, y, steps=steps, batch=batch, lr=lr, seed=seed, desc=desc,
-                                progress=progress, weight_decay=weight_decay)
-
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    n = len(y)
-    batch = min(batch, n)
-    perm, at = torch.randperm(n, generator=g), 0
-    model.train()
-    loss = float("nan")
-    for _ in tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False):
-        if at + batch > n:
-            perm, at = torch.randperm(n, generator=g), 0
-        idx = perm[at:at + batch]
-        at += batch
-        out = model(_augment(x[idx], g))
-        loss_t = loss_fn(out, y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss_t.backward()
-        opt.step()
-        sched.step()
-        loss = float(loss_t.detach())
-    return loss
+    with gpu_memory_guard(x.device, what=desc, knob=knob, value=batch):
+        return _run_steps(model, params, x, y, steps=steps, batch=batch, lr=lr, seed=seed, desc=desc,
+                          progress=progress, weight_decay=weight_decay)
 
 
-def _device_loop(model, params, x, y, *, steps, batch, lr, seed, desc, progress, weight_decay) -> float:
-    """``_train_loop`` on a GPU: the same draws from the CPU generator, no per-step synchronisation."""
+def _run_steps(model, params, x, y, *, steps, batch, lr, seed, desc, progress, weight_decay) -> float:
     import torch
     from tqdm.auto import tqdm
 
@@ -173,7 +149,7 @@ def _device_loop(model, params, x, y, *, steps, batch, lr, seed, desc, progress,
     for _ in tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False):
         if at + batch > n:
             perm, at = torch.randperm(n, generator=g), 0
-        idx = perm[at:at + batch].to(x.device, non_blocking=True)
+        idx = perm[at:at + batch].to(x.device, non_blocking=True)  # a no-op on the CPU
         at += batch
         loss_t = loss_fn(model(_augment(x[idx], g)), y[idx])
         opt.zero_grad(set_to_none=True)
