@@ -23,6 +23,8 @@ from nds.formats.bundle import load_bundle, write_bundle
 from nds.formats.scores import load_scores, write_scores
 from nds.models import experts
 
+from clientfixtures import make_bundle, rgb
+
 NDS = [str(Path(sys.executable).with_name("nds"))] if Path(sys.executable).with_name("nds").exists() \
     else [sys.executable, "-m", "flows.cli"]
 UNEXPECTED = re.compile(r"^error: (?P<type>\w+): .+ \(run with -v for the traceback\)$")
@@ -42,25 +44,10 @@ def assert_one_error_line(r: subprocess.CompletedProcess, pattern: str, *, rc: i
     return lines[0]
 
 
-def _rgb(h, w, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def _make_bundle(folder: Path, k: int = 2) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for e in range(k):
-        model, metrics = experts.train_expert(_rgb(32, 32, e)[None].repeat(8, 0), max_steps=2, batch_size=8, seed=e)
-        name = f"expert_{e:03d}.pt"
-        sha = experts.save_expert(model, folder / name, meta={"arch": "rotnet_small", "expert": e})
-        entries.append({"expert": e, "file": name, "sha256": sha, **metrics})
-    return write_bundle(folder, index_version="v-cli", network=experts.bundle_fields("rotnet_small"), experts=entries)
-
-
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("cli-bundle") / "experts"
-    _make_bundle(d)
+    make_bundle(d, index_version="v-cli")
     return d
 
 
@@ -68,7 +55,7 @@ def _images(folder: Path, n: int, *, classes: list[str] | None = None, seed: int
     for i in range(n):
         sub = folder / classes[i % len(classes)] if classes else folder
         sub.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(_rgb(32, 32, seed + i)).save(sub / f"img{i}.png")
+        Image.fromarray(rgb(32, 32, seed + i)).save(sub / f"img{i}.png")
     return folder
 
 

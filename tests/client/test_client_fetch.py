@@ -5,39 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from nds.client.fetch import fetch_experts
 from nds.errors import NDSError
-from nds.formats.bundle import load_bundle, write_bundle
-from nds.models import experts
+from nds.formats.bundle import load_bundle
 
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _rgb(h, w, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def _make_bundle(folder: Path, k: int = 2) -> dict:
-    """k untrained-ish experts (2 steps) and bundle.json in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for e in range(k):
-        model, metrics = experts.train_expert(_rgb(32, 32, e)[None].repeat(8, 0), max_steps=2, batch_size=8, seed=e)
-        f = f"expert_{e:03d}.pt"
-        sha = experts.save_expert(model, folder / f, meta={"arch": "rotnet_small", "expert": e})
-        entries.append({"expert": e, "file": f, "sha256": sha, **metrics})
-    return write_bundle(folder, index_version="v-test", network=experts.bundle_fields("rotnet_small"),
-                        experts=entries)
+from clientfixtures import make_bundle
 
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("bundle") / "experts"
-    _make_bundle(d)
+    make_bundle(d)
     return d
 
 

@@ -16,6 +16,8 @@ from nds.models.expert_gpu import train_expert_on_device
 from nds.models.extractors import load_extractor
 from nds.params import ExtractParams
 
+from modelfixtures import digits_like
+
 CPU = torch.device("cpu")
 
 
@@ -28,14 +30,6 @@ def _images(n=6, seed=0):
     return np.random.default_rng(seed).integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
 
 
-def _digits_like(n=64, seed=0):
-    rng = np.random.default_rng(seed)
-    img = np.zeros((n, 32, 32, 3), np.uint8)
-    for i in range(n):
-        r, c = rng.integers(2, 10, 2)
-        img[i, r : r + 18, c : c + 4] = 255
-        img[i, r + 14 : r + 18, c : c + 14] = 255
-    return img
 
 
 def test_cpu_at_fp32_is_todays_extractor_unchanged(extractor):
@@ -69,7 +63,7 @@ def test_reduced_precision_on_the_cpu_is_autocast(extractor):
 def test_gpu_expert_recipe_mirrors_the_cpu_recipe():
     """Same split, batches, flips, optimiser and schedule: after a few steps the weights agree
     to float rounding (fused AdamW, device-side preprocessing); the model comes back on the CPU."""
-    imgs = _digits_like()
+    imgs = digits_like()
     kw = dict(arch="rotnet_small", epochs=30, max_steps=3, batch_size=32, lr=0.01, val_fraction=0.1, seed=3)
     m_cpu, met_cpu = experts.train_expert(imgs, **kw)
     m_dev, met_dev = train_expert_on_device(imgs, device=CPU, **kw)
@@ -82,7 +76,7 @@ def test_gpu_expert_recipe_mirrors_the_cpu_recipe():
 
 
 def test_gpu_expert_recipe_learns_and_saves_like_a_cpu_expert(tmp_path):
-    imgs = _digits_like()
+    imgs = digits_like()
     model, metrics = experts.train_expert(imgs, epochs=30, max_steps=60, batch_size=32, lr=0.01, seed=3, device=None)
     dev_model, dev_metrics = train_expert_on_device(imgs, arch="rotnet_small", epochs=30, max_steps=60, batch_size=32,
                                                     lr=0.01, val_fraction=0.1, seed=3, device=CPU)

@@ -8,16 +8,9 @@ from nds.errors import InvalidInputError, NDSError
 from nds.formats.bundle import load_bundle, write_bundle
 from nds.models import experts
 
+from modelfixtures import digits_like
 
-def _digits_like(n=64, seed=0):
-    """Asymmetric shapes: an L in a random corner, so rotation is learnable."""
-    rng = np.random.default_rng(seed)
-    img = np.zeros((n, 32, 32, 3), np.uint8)
-    for i in range(n):
-        r, c = rng.integers(2, 10, 2)
-        img[i, r : r + 18, c : c + 4] = 255
-        img[i, r + 14 : r + 18, c : c + 14] = 255
-    return img
+
 
 
 def test_rotate_batch_labels_and_shapes():
@@ -31,7 +24,7 @@ def test_rotate_batch_labels_and_shapes():
 
 
 def test_training_learns_rotation_and_is_deterministic():
-    imgs = _digits_like()
+    imgs = digits_like()
     m1, metrics = experts.train_expert(imgs, epochs=30, max_steps=60, batch_size=32, lr=0.01, seed=3)
     assert metrics["rotation_accuracy"] > 0.6  # chance is 0.25
     m2, metrics2 = experts.train_expert(imgs, epochs=30, max_steps=60, batch_size=32, lr=0.01, seed=3)
@@ -49,7 +42,7 @@ def test_wrong_image_shape_is_a_clear_error():
 
 
 def test_bundle_round_trip_and_tamper_detection(tmp_path):
-    model, metrics = experts.train_expert(_digits_like(16), max_steps=2, batch_size=8)
+    model, metrics = experts.train_expert(digits_like(16), max_steps=2, batch_size=8)
     entries = []
     for k in range(2):
         f = f"expert_{k:03d}.pt"
@@ -78,7 +71,7 @@ def test_identical_experts_have_identical_files(tmp_path):
     """Index versions are content ids: the same training must give the same bytes."""
     shas = []
     for name in ("a", "b"):
-        model, _ = experts.train_expert(_digits_like(16), max_steps=2, batch_size=8, seed=1)
+        model, _ = experts.train_expert(digits_like(16), max_steps=2, batch_size=8, seed=1)
         shas.append(experts.save_expert(model, tmp_path / name / "expert_000.pt", meta={"arch": "rotnet_small", "expert": 0}))
     assert shas[0] == shas[1]
     assert file_sha256(tmp_path / "a" / "expert_000.pt") == shas[0]
