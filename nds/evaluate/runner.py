@@ -16,12 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ from nds.evaluate.outputs import RESULTS_SCHEMA
 from nds.evaluate.strategies import BUDGETED, domain_precision, load_source_pool, score_task, select_for_strategy
 from nds.evaluate.tasks import TASKS, TargetTask, build_target_task
 from nds.evaluate.training import TrainConfig, finetune_and_test, pretrain
-from nds.select.probability import resolve_budget
+from nds.select.probability import budget_from_number, resolve_budget
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +53,7 @@ def resolve_budgets(budgets: Sequence[float], n_source: int) -> list[int]:
         raise InvalidInputError("give at least one budget (a count such as 2000 or a fraction such as 0.1)")
     counts = set()
     for b in budgets:
-        if (isinstance(b, Real) and not isinstance(b, Integral) and math.isfinite(b)
-                and b >= 1 and b == int(b)):
-            b = int(b)
-        counts.add(resolve_budget(b, n_source))
+        counts.add(resolve_budget(budget_from_number(b), n_source))
     return sorted(counts)
 
 

@@ -152,6 +152,19 @@ def compute_member_probabilities(expert_weights, cluster_sizes, eligible_counts=
 # --------------------------------------------------------------------------- budget
 
 
+def budget_from_number(value: int | float) -> int | float:
+    """A budget given as one number (the CLI, the select form, an HTTP body, an evaluation).
+
+    A whole number >= 1 (500, 500.0, 1.0) is a count; anything below 1 is a fraction, left for
+    resolve_budget to check; 1.5 is neither and refused here.
+    """
+    if isinstance(value, Real) and not isinstance(value, Integral) and math.isfinite(value) and value >= 1:
+        if value != int(value):
+            raise InvalidInputError(f"budget {value:g} is neither a whole count nor a fraction below 1: use e.g. 500 or 0.1")
+        return int(value)
+    return value
+
+
 def resolve_budget(budget: int | float, n_eligible: int) -> int:
     """How many samples to draw.
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from nds._registry import SAMPLERS
 from nds.platform.storage import MAX_PRESIGN_S
+from nds.select.probability import budget_from_number
 
 #: Softmax temperature over expert scores when the request names none. Scores are
 #: accuracies in [0, 1] whose spread between relevant and irrelevant experts is a few
@@ -118,8 +119,7 @@ class SelectRequest(BaseModel):
     @field_validator("budget")
     @classmethod
     def _count_or_fraction(cls, value: float) -> float:
-        if value >= 1 and value != int(value):
-            raise ValueError(f"budget {value:g} is neither a whole count nor a fraction below 1: use e.g. 500 or 0.1")
+        budget_from_number(value)  # refuses 1.5 before a run starts (InvalidInputError is a ValueError)
         return value
 
     @model_validator(mode="after")

@@ -34,7 +34,8 @@ from nds.formats.scores import load_scores
 from nds.index.layout import load_cluster_layout
 from nds.platform import warehouse
 from nds.select.probability import (
-    compute_expert_weights, compute_member_probabilities, compute_sample_probabilities, resolve_budget,
+    budget_from_number, compute_expert_weights, compute_member_probabilities, compute_sample_probabilities,
+    resolve_budget,
 )
 from nds.select.request import DEFAULT_TEMPERATURE, SelectRequest  # noqa: F401  (re-exported)
 from nds.select.samplers import DEFAULT_SAMPLER, select_samples
@@ -161,7 +162,7 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
         # the request costs O(K + B), not O(N) (the values compute_sample_probabilities gives).
         mask, n_excluded, n_eligible = None, 0, index.catalog.num_rows
         sizes = np.diff(index.layout[1])
-        budget = resolve_budget(_as_budget(request.budget), n_eligible)
+        budget = resolve_budget(budget_from_number(request.budget), n_eligible)
         weights = compute_expert_weights(scores["scores"], temperature=request.temperature)
         member = compute_member_probabilities(weights, sizes)
         n_positive = int(sizes[member > 0].sum())
@@ -170,7 +171,7 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
         n_eligible = int(mask.sum())
         if n_eligible == 0:
             raise InvalidInputError("no source sample is eligible after the dataset filter and exclusions: relax them")
-        budget = resolve_budget(_as_budget(request.budget), n_eligible)
+        budget = resolve_budget(budget_from_number(request.budget), n_eligible)
         weights = compute_expert_weights(scores["scores"], temperature=request.temperature)
         p = compute_sample_probabilities(index.assignments, weights, eligible=mask)
         n_positive = int((p > 0).sum())
@@ -298,15 +299,6 @@ def publish_manifest(folder: Path, selection_id: str) -> str | None:
     location = store.uri(prefix) + "/"
     log.info("published manifest %s to %s", selection_id, location)
     return location
-
-
-def _as_budget(value: float) -> int | float:
-    """The form gives a float: whole numbers >= 1 are counts, values below 1 are fractions."""
-    if value >= 1:
-        if value != int(value):
-            raise InvalidInputError(f"budget {value} is neither a whole count nor a fraction below 1: use e.g. 500 or 0.1")
-        return int(value)
-    return float(value)
 
 
 def record_selection(ws: Workspace, summary: dict, *, scores: list[float], origin: str = "cli",
