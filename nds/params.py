@@ -63,6 +63,9 @@ class ExtractParams(_Section):
 class ClusterParams(_Section):
     method: str = "dataset-kmeans"
     k: int = Field(24, ge=1)
+    #: source-kmeans: about this many samples per cluster, in each source on its own (K = sum of
+    #: round(n_source / target_size), at least 1 each), so adding a source leaves the others' clusters.
+    target_size: int | None = Field(None, ge=1)
     pca_dim: int = Field(64, ge=0)
     seed: int = 0
 

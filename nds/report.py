@@ -231,12 +231,10 @@ def _cluster_montage(ws, per_expert: int, seed: int):
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from nds.corpus.read import load_images_at
-    from nds.index._artifacts import load_assignments, load_index_order
+    from nds.index._artifacts import load_assignments, load_index_images, load_index_order
 
     assignments = load_assignments(ws)
     index = load_index_order(ws)
-    uris = index.column("uri").to_pylist()
     datasets = np.asarray(index.column("dataset").to_pylist(), dtype=object)
     rng = np.random.default_rng(seed)
     k = int(assignments.max()) + 1
@@ -246,7 +244,7 @@ def _cluster_montage(ws, per_expert: int, seed: int):
     for c in range(k):
         members = np.flatnonzero(assignments == c)
         pick = np.sort(rng.choice(members, size=min(per_expert, len(members)), replace=False))
-        images = load_images_at(ws.data_dir, [uris[i] for i in pick])
+        images = load_index_images(ws, pick, index)
         names, counts = np.unique(datasets[members].astype(str), return_counts=True)
         top = names[counts.argmax()]
         draw.text((4, c * cell + 4), f"expert {c}", fill="black")

@@ -20,10 +20,10 @@ import logging
 import sys
 import traceback
 
-from flows.cli import client, corpus, evaluate, index, select, serve, server
+from flows.cli import client, corpus, evaluate, index, select, serve, server, source
 from nds.errors import NDSError
 
-GROUPS = (corpus, index, select, client, evaluate, server, serve)
+GROUPS = (corpus, source, index, select, client, evaluate, server, serve)
 
 #: Exit codes: 2 = input the user can fix (argparse uses 2 too), 1 = unexpected failure.
 EXIT_USAGE = 2

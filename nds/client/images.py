@@ -4,14 +4,12 @@ The images never leave the client machine (``nds.formats.scores`` holds what doe
 Images are brought to the corpus format (RGB uint8 32x32, see ``nds.corpus``) so experts see
 client images exactly as they saw the source images and content hashes are comparable:
 
-- alpha is composited on white; grey (and 16-bit grey) is replicated to RGB;
-- an image that is already 32x32 is used as decoded, pixel for pixel (so an image taken
-  from the corpus hashes to its catalog ``sha256``);
-- any other size is resized with Pillow ``BILINEAR`` (antialiased when shrinking) so its
-  longer side is 32 px, keeping the aspect ratio, then centred on a white 32x32 canvas.
-  The corpus's own domains use other conventions (MNIST is padded with black), so a
-  client image of another size never hashes to a corpus image; that only matters for
-  ``--emit-hashes``, which should be fed the same 32x32 bytes the corpus stores.
+``nds.corpus.decode`` (``decode_image`` + ``to_array``) does it, the same code the server's
+extraction runs: alpha on white, grey to RGB, an image already 32x32 used pixel for pixel (so an
+image taken from the corpus hashes to its catalog ``sha256``), any other size resized (longer side
+32 px) and centred on a white canvas. The corpus's own domains use other conventions (MNIST is
+padded with black), so a client image of another size never hashes to a corpus image; that only
+matters for ``--emit-hashes``, which should be fed the same 32x32 bytes the corpus stores.
 """
 
 from __future__ import annotations
@@ -25,18 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from nds.config import IMAGE_SIZE
+from nds.corpus.decode import IMAGE_EXTENSIONS, MAX_PIXELS, UnusableImageError, decode_image, to_array
 from nds.corpus.read import image_sha256  # one hash function for corpus and client
 from nds.errors import InvalidInputError, NotFoundError
 
 log = logging.getLogger(__name__)
-
-#: File name extensions read from a folder (lower case, as torchvision's ImageFolder).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-#: Largest width * height decoded. 50 MP covers any camera; a larger header is far more
-#: likely a decompression bomb (a few KB of PNG that inflates to gigabytes) than a photo.
-MAX_PIXELS = 50_000_000
-#: Colour that alpha is composited on and that non-square images are padded with.
-BACKGROUND = (255, 255, 255)
 
 
 @dataclass(frozen=True)
@@ -151,32 +142,8 @@ def _no_images_message(root: Path) -> str:
 
 
 def _to_corpus_format(image) -> np.ndarray:
-    """A decoded PIL image of any mode and size -> (32, 32, 3) uint8 (rules in the module doc)."""
-    from PIL import Image
-
-    if image.mode.startswith("I;16"):
-        # 16-bit grey: keep the top 8 bits' worth of range instead of clipping at 255.
-        grey = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    ) or (image.mode in ("L", "RGB") and "transparency" in image.info)
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
-        canvas.alpha_composite(rgba)
-        image = canvas.convert("RGB")
-    elif image.mode != "RGB":
-        image = image.convert("RGB")
-    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-        w, h = image.size
-        scale = IMAGE_SIZE / max(w, h)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        small = image.resize(size, Image.Resampling.BILINEAR)
-        canvas = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
-        canvas.paste(small, ((IMAGE_SIZE - size[0]) // 2, (IMAGE_SIZE - size[1]) // 2))
-        image = canvas
-    return np.asarray(image, dtype=np.uint8)
+    """A decoded PIL image of any mode and size -> (32, 32, 3) uint8 (rules in ``nds.corpus.decode``)."""
+    return to_array(image, IMAGE_SIZE)
 
 
 @contextlib.contextmanager
@@ -200,25 +167,10 @@ class _Skip(Exception):
 
 def _decode_file(path: Path, max_pixels: int) -> np.ndarray:
     """One image file -> (32, 32, 3) uint8; raises _Skip(reason) if it cannot be used."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if path.stat().st_size == 0:
-        raise _Skip("empty file")
     try:
-        with Image.open(path) as im:  # reads the header only
-            w, h = im.size
-            if w * h > max_pixels:
-                raise _Skip(f"{w}x{h} pixels exceeds max_pixels={max_pixels} (possible decompression bomb)")
-            im.seek(0)  # first frame of an animation
-            im.load()
-            im = ImageOps.exif_transpose(im)  # phone photos store their orientation in EXIF
-            return _to_corpus_format(im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _Skip(f"possible decompression bomb ({exc})") from exc
-    except UnidentifiedImageError:
-        raise _Skip("not a readable image") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise _Skip(f"corrupt image ({type(exc).__name__}: {exc})") from exc
+        return _to_corpus_format(decode_image(path.read_bytes(), max_pixels=max_pixels))
+    except UnusableImageError as exc:
+        raise _Skip(str(exc)) from exc
 
 
 def _list_folder(root: Path) -> tuple[list[tuple[Path, str | None]], list[tuple[str, str]], list[Path]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from nds.corpus.read import (
     SUMMARY_FILE,
     image_sha256,
 )
+from nds.corpus.registry import SOURCES_DIR as REGISTERED_DIR
 from nds.corpus.sources import HOLDOUT, SOURCE, Candidate, rank_key
 from nds.errors import NDSError
 
@@ -52,6 +54,8 @@ PROFILES["small"] = {
     "emoji": (1500, 300),
 }
 PROFILES["full"] = {name: (None, None) for name in DATASETS}
+#: No packaged dataset: index only the sources registered with `nds source add`.
+PROFILES["none"] = {}
 
 #: Extra candidates decoded beyond what is still missing, so one pass usually fills a
 #: profile even when a few candidates turn out unusable.
@@ -135,7 +139,9 @@ def _drop_duplicates(records: list[dict]) -> tuple[list[dict], dict[str, dict[st
     in the hold-out.
     """
     records = sorted(records, key=lambda r: (r["dataset"], r["sample_id"]))
-    dropped = {d: {"source_duplicates": 0, "holdout_in_source": 0, "holdout_duplicates": 0} for d in DATASETS}
+    present = {r["dataset"] for r in records}
+    dropped = {d: {"source_duplicates": 0, "holdout_in_source": 0, "holdout_duplicates": 0}
+               for d in DATASETS if d in present}
     drop: set[int] = set()
     source_hashes: set[str] = set()
     for i, record in enumerate(records):
@@ -183,17 +189,19 @@ def build_corpus(workspace: Workspace, profile: str = "small", *, progress: bool
 
     The corpus is built in a sibling temporary folder and swapped in at the end
     (``nds._io.atomic_dir``), so a failure leaves the previous corpus (if any) as it was.
+    Registered sources (``data/sources/``, ``nds.corpus.registry``) are carried over unchanged.
     """
     caps = PROFILES[profile]
     sources_dir = workspace.sources_dir
-    for dataset in DATASETS:  # fail before any work if a package is missing
+    datasets = [d for d in DATASETS if d in caps]
+    for dataset in datasets:  # fail before any work if a package is missing
         SOURCES[dataset].check(sources_dir)
 
     started = time.perf_counter()
     data_dir = workspace.data_dir
     with atomic_dir(data_dir) as tmp:
         records, seconds = [], {}
-        for dataset in DATASETS:
+        for dataset in datasets:
             t0 = time.perf_counter()
             records.extend(_load_dataset(dataset, caps[dataset], sources_dir, progress))
             seconds[dataset] = round(time.perf_counter() - t0, 2)
@@ -202,6 +210,9 @@ def build_corpus(workspace: Workspace, profile: str = "small", *, progress: bool
         table = _write(records, tmp)
         summary = _summary(profile, table, seconds, dropped, sources_dir, time.perf_counter() - started)
         (tmp / SUMMARY_FILE).write_text(json.dumps(_content_facts(summary), indent=2) + "\n")
+        if (data_dir / REGISTERED_DIR).is_dir():  # registered outside sources are not the build's to drop
+            shutil.copytree(data_dir / REGISTERED_DIR, tmp / REGISTERED_DIR, symlinks=True,
+                            ignore=shutil.ignore_patterns(".*"))  # not a half-written add
     log.info("corpus %s: %d images (%s) in %.1fs -> %s", profile, summary["total"],
              ", ".join(f"{k} {v}" for k, v in summary["totals_by_split"].items()), summary["build_seconds"]["total"], data_dir)
     return summary
@@ -210,7 +221,8 @@ def build_corpus(workspace: Workspace, profile: str = "small", *, progress: bool
 def _summary(profile: str, table: pa.Table, seconds: dict, dropped: dict, sources_dir: Path, total_s: float) -> dict:
     datasets = table.column("dataset").to_pylist()
     splits = table.column("split").to_pylist()
-    counts = {d: {s: 0 for s in SPLITS} for d in DATASETS}
+    names = [d for d in DATASETS if d in PROFILES[profile]]
+    counts = {d: {s: 0 for s in SPLITS} for d in names}
     for d, s in zip(datasets, splits):
         counts[d][s] += 1
     return {
@@ -219,10 +231,10 @@ def _summary(profile: str, table: pa.Table, seconds: dict, dropped: dict, source
         "counts": counts,
         "totals_by_split": {s: splits.count(s) for s in SPLITS},
         "total": table.num_rows,
-        "caps": {d: dict(zip(SPLITS, PROFILES[profile][d])) for d in DATASETS},
+        "caps": {d: dict(zip(SPLITS, PROFILES[profile][d])) for d in names},
         "duplicates_dropped": dropped,
         "build_seconds": {**seconds, "total": round(total_s, 2)},
-        "sources": {d: SOURCES[d].describe(sources_dir) for d in DATASETS},
+        "sources": {d: SOURCES[d].describe(sources_dir) for d in names},
     }
 
 

@@ -13,6 +13,14 @@ Layout of ``data/`` (other stages rely on it):
   (``<workspace>/.cache/corpus``, or ``$NDS_CORPUS_CACHE``).
 - ``corpus.json``: profile, counts per dataset and split, duplicates dropped and the
   packages the images came from.
+- ``sources/<name>/catalog.parquet`` (+ ``source.json``): a registered outside source
+  (``nds source add``, nds.corpus.registry): one row per original object, ``uri`` its link
+  (path, ``s3://``, ``http(s)://``, ``<shard>#<member>``), ``sha256`` of its bytes. No pixels
+  are stored: readers fetch and decode the original (``load_images_at``); the index keeps
+  corpus-format pixels of them as an extract-stage artifact.
+
+``load_catalog`` returns the packaged rows and every registered source's rows as one table
+(sorted by dataset, sample_id); registered rows have no ``array`` (null) and ``row`` -1.
 """
 
 from __future__ import annotations
@@ -53,6 +61,8 @@ CATALOG_COLUMNS = tuple(CATALOG_SCHEMA.names)
 CATALOG_FILE = "catalog.parquet"
 SUMMARY_FILE = "corpus.json"
 IMAGES_DIR = "images"
+#: Registered outside sources, one folder each (written by nds.corpus.registry).
+REGISTERED_DIR = "sources"
 
 CACHE_ENV = "NDS_CORPUS_CACHE"
 
@@ -71,20 +81,47 @@ def load_catalog(data_dir: Path, *, split: str | None = SOURCE) -> pa.Table:
     """
     if split not in (*SPLITS, None):
         raise InvalidInputError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)} (or None for all)")
-    path = Path(data_dir) / CATALOG_FILE
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        raise NotFoundError(f"no corpus catalog at {path}; run `nds corpus build --profile small`") from None
-    return _read_catalog(str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size, split)
+    files = _catalog_files(Path(data_dir))
+    if not files:
+        raise NotFoundError(f"no corpus catalog at {Path(data_dir) / CATALOG_FILE}; run `nds corpus build "
+                            "--profile small` or register a source (`nds source add NAME --from LOCATION`)")
+    return _read_catalog(files, split)
+
+
+def _catalog_files(data_dir: Path) -> tuple[tuple[str, int, int, int, bool], ...]:
+    """(path, inode, mtime, size, registered) of the packaged catalog and each registered source's catalog."""
+    paths = [data_dir / CATALOG_FILE, *sorted((data_dir / REGISTERED_DIR).glob(f"*/{CATALOG_FILE}"))]
+    found = []
+    for path in paths:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        found.append((str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size, path.parent != data_dir))
+    return tuple(found)
+
+
+def _registered_rows(path: str) -> pa.Table:
+    """A registered source's catalog in the packaged catalog's columns (no array; row -1)."""
+    table = pq.read_table(path)
+    n = table.num_rows
+    columns = {name: table.column(name).cast(CATALOG_SCHEMA.field(name).type)
+               for name in CATALOG_COLUMNS if name not in ("array", "row")}
+    columns["array"] = pa.nulls(n, pa.string())
+    columns["row"] = pa.array(np.full(n, -1, dtype=np.int64))
+    return pa.table({name: columns[name] for name in CATALOG_COLUMNS}, schema=CATALOG_SCHEMA)
 
 
 @functools.lru_cache(maxsize=4)
-def _read_catalog(path: str, inode: int, mtime_ns: int, size: int, split: str | None) -> pa.Table:
+def _read_catalog(files: tuple[tuple[str, int, int, int, bool], ...], split: str | None) -> pa.Table:
+    # The key holds every file's inode/mtime/size, so a rebuilt corpus or a new source is re-read.
     if split is not None:
-        table = _read_catalog(path, inode, mtime_ns, size, None)
+        table = _read_catalog(files, None)
         return table.filter(pc.equal(table.column("split"), split))
-    table = pq.read_table(path)
+    path = files[0][0]
+    parts = [_registered_rows(p) if registered else pq.read_table(p) for p, *_, registered in files]
+    table = parts[0] if len(parts) == 1 else pa.concat_tables(parts).sort_by([("dataset", "ascending"),
+                                                                              ("sample_id", "ascending")])
     ids = table.column("sample_id")
     if pc.count_distinct(ids).as_py() != table.num_rows:
         # Selections, manifests and the warehouse's primary keys name samples by id alone:
@@ -173,10 +210,50 @@ def load_images(data_dir: Path, arrays: Sequence[str], rows: np.ndarray) -> np.n
     return out
 
 
-def load_images_at(data_dir: Path, uris: Sequence[str]) -> np.ndarray:
-    """Images at catalog ``uris`` (``split_uri`` forms), in the given order."""
-    parsed = [split_uri(u) for u in uris]
-    return load_images(data_dir, [a for a, _ in parsed], np.asarray([r for _, r in parsed], dtype=np.int64))
+def is_packaged_uri(uri: str) -> bool:
+    """True for a packaged corpus image (``data/images/<d>.npy#<row>`` or its published S3 array)."""
+    path, sep, row = uri.rpartition("#")
+    return bool(sep) and row.isdigit() and path.endswith(".npy") and (path.startswith("data/") or path.startswith("s3://"))
+
+
+def load_images_at(data_dir: Path, uris: Sequence[str], *, workers: int = 8) -> np.ndarray:
+    """Images at catalog ``uris``, in the given order, in the corpus format (IMAGE_SIZE px RGB uint8).
+
+    Packaged images are read from their arrays; a registered source's objects are fetched and
+    decoded (``workers`` at a time) -- the index keeps those pixels as an extract artifact, so
+    its stages use ``nds.index._artifacts.load_index_images`` instead.
+    """
+    out = np.empty((len(uris), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    packaged = [i for i, u in enumerate(uris) if is_packaged_uri(u)]
+    if packaged:
+        parsed = [split_uri(uris[i]) for i in packaged]
+        out[packaged] = load_images(data_dir, [a for a, _ in parsed], np.asarray([r for _, r in parsed], dtype=np.int64))
+    others = [i for i, u in enumerate(uris) if not is_packaged_uri(u)]
+    if others:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for i, image in zip(others, pool.map(lambda i: decode_object(uris[i], (IMAGE_SIZE,))[0], others)):
+                out[i] = image
+    return out
+
+
+def decode_object(uri: str, sizes: Sequence[int], *, sha256: str | None = None) -> list[np.ndarray]:
+    """A registered source's object as ``(s, s, 3) uint8`` arrays, one per size in ``sizes``.
+
+    ``sha256``: the catalog's hash of the bytes; a different object now is a StorageError
+    (the source changed since registration: ``nds source check``, then re-register).
+    """
+    from nds.corpus.decode import decode_image, to_array
+    from nds.corpus.objects import fetch_bytes
+    from nds.errors import StorageError
+
+    data = fetch_bytes(uri)
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise StorageError(f"{uri} changed since it was registered (sha256 differs); run `nds source check` "
+                           "and re-register the source with `nds source add NAME --from LOCATION --replace`")
+    image = decode_image(data)
+    return [to_array(image, size) for size in sizes]
 
 
 def iter_image_batches(data_dir: Path, catalog: pa.Table, batch_size: int) -> Iterator[np.ndarray]:

@@ -47,3 +47,32 @@ def load_index_order(ws: Workspace) -> pa.Table:
 
 def load_assignments(ws: Workspace) -> np.ndarray:
     return np.load(require(ws.stage_dir("cluster") / "assignments.npy", "cluster"))
+
+
+def load_index_images(ws: Workspace, positions: np.ndarray, index: pa.Table | None = None) -> np.ndarray:
+    """Corpus-format images of the index rows at ``positions`` (in that order).
+
+    Packaged rows come from the corpus arrays; a registered source's rows from the pixels the
+    extract stage decoded from the originals (``artifacts/extract/pixels.npy``), so no stage
+    after extract fetches an object again.
+    """
+    from nds.corpus.read import load_images_at
+
+    index = load_index_order(ws) if index is None else index
+    positions = np.asarray(positions, dtype=np.int64)
+    uris = index.column("uri").take(positions).to_pylist()
+    pixel_row = (index.column("pixel_row").take(positions).to_numpy() if "pixel_row" in index.column_names
+                 else np.full(len(positions), -1, dtype=np.int64))
+    packaged = np.flatnonzero(pixel_row < 0)
+    if len(packaged) == len(positions):
+        return load_images_at(ws.data_dir, uris)
+    from nds.config import IMAGE_SIZE
+
+    out = np.empty((len(positions), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    if len(packaged):
+        out[packaged] = load_images_at(ws.data_dir, [uris[i] for i in packaged])
+    decoded = np.flatnonzero(pixel_row >= 0)
+    pixels = np.load(require(ws.stage_dir("extract") / "pixels.npy", "extract"), mmap_mode="r")
+    order = np.argsort(pixel_row[decoded], kind="stable")  # forward reads through the memory map
+    out[decoded[order]] = pixels[pixel_row[decoded][order]]
+    return out

@@ -120,6 +120,39 @@ def assign_kmeans_within(features: np.ndarray, groups: np.ndarray, *, k: int, pc
     return assignments, cents, [str(groups[i]) for i in first]
 
 
+def clusters_per_source(sizes: np.ndarray, target_size: int) -> np.ndarray:
+    """Clusters of each source under source-kmeans: round(n / target_size), at least 1, at most n."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    return np.minimum(np.maximum(np.rint(sizes / target_size).astype(np.int64), 1), sizes)
+
+
+def assign_kmeans_per_source(features: np.ndarray, groups: np.ndarray, *, target_size: int, pca_dim: int = 0,
+                             seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """k-means inside each source on its own: its own normalisation, PCA and K (``clusters_per_source``).
+
+    A source's clusters depend only on its own features, so adding or removing another source
+    leaves them (and their experts) as they were. Returns (assignments, the name of each cluster,
+    ``<source>-<j>`` with j by decreasing size inside the source).
+    """
+    groups = np.asarray(groups, dtype=object).astype(str)
+    names, codes = np.unique(groups, return_inverse=True)
+    if not np.isfinite(features).all():
+        raise NDSError("features contain NaN/inf; rerun the extract stage")
+    alloc = clusters_per_source(np.bincount(codes, minlength=len(names)), target_size)
+    labels = np.empty(len(groups), dtype=np.int64)
+    cluster_names: list[str] = []
+    for g, name in enumerate(names):
+        members = np.flatnonzero(codes == g)
+        if alloc[g] == 1:
+            sub = np.zeros(len(members), dtype=np.int64)
+        else:
+            x = _prepare(np.asarray(features[members]), pca_dim, seed)
+            sub, _ = _renumber(*_minibatch_kmeans(x, int(alloc[g]), seed))
+        labels[members] = len(cluster_names) + sub
+        cluster_names += [f"{name}-{j}" for j in range(int(sub.max()) + 1)]
+    return labels.astype(np.int32), cluster_names
+
+
 #: faiss k-means: Lloyd iterations, and how many points per centroid it trains on (faiss
 #: subsamples above this; 1024 keeps 1e6 x 256 under a minute on 2 cores for K <= 100 while
 #: the final assignment still covers every sample).
@@ -192,6 +225,14 @@ def _kmeans_within_dataset(features, datasets, labels, p: ClusterParams):
     return a, c, [f"{o}-kmeans-{i}" for i, o in enumerate(owners)]
 
 
+def _kmeans_per_source(features, datasets, labels, p: ClusterParams):
+    if p.target_size is None:
+        raise InvalidInputError("cluster.method source-kmeans needs cluster.target_size (samples per cluster, "
+                                "e.g. 1000) in params.yaml")
+    a, names = assign_kmeans_per_source(features, datasets, target_size=p.target_size, pca_dim=p.pca_dim, seed=p.seed)
+    return a, None, names
+
+
 def _by_dataset(features, datasets, labels, p: ClusterParams):
     a, names = assign_by_group(datasets)
     return a, None, names
@@ -206,6 +247,7 @@ CLUSTERERS["kmeans"] = _kmeans
 CLUSTERERS["dataset-kmeans"] = _kmeans_within_dataset
 CLUSTERERS["dataset"] = _by_dataset
 CLUSTERERS["label"] = _by_label
+CLUSTERERS["source-kmeans"] = _kmeans_per_source
 try:  # optional: only offered where faiss-cpu is installed
     import faiss  # noqa: F401
 except ImportError:  # pragma: no cover

@@ -21,10 +21,9 @@ import numpy as np
 
 from nds._io import file_sha256, write_json
 from nds.config import Workspace
-from nds.corpus.read import load_images_at
 from nds.errors import InvalidInputError
 from nds.formats.bundle import write_bundle
-from nds.index._artifacts import load_assignments, load_index_order, read_json, require, stage_output
+from nds.index._artifacts import load_assignments, load_index_images, load_index_order, read_json, require, stage_output
 from nds.models.device import device_name, is_cpu, pick_device
 from nds.models.experts import EXPERT_INPUT_SIZE, bundle_fields, save_expert, train_expert
 from nds.params import RUNTIME_FIELDS, Params
@@ -46,15 +45,24 @@ def plan_experts(ws: Workspace, params: Params) -> list[int]:
     return list(range(summary["k"]))
 
 
-def _expert_key(member_ids: list[str], params: Params, k: int, device=None) -> str:
-    h = hashlib.sha256()
+def _expert_key(member_ids: list[str], member_sha256: list[str], params: Params, device=None) -> str:
+    """What determines an expert: its members (by id and content), the recipe, the device kind.
+
+    Not its cluster number: numbers shift when a source is added, the expert must not (an
+    unchanged cluster's expert is reused byte-identical).
+    """
+    h = hashlib.sha256(b"nds-expert-v2")
     h.update(params.train_experts.model_dump_json(exclude=RUNTIME_FIELDS).encode())
-    if not is_cpu(device):  # the CPU keeps the keys it had before devices existed
+    if not is_cpu(device):
         h.update(f"device={device.type}".encode())
-    h.update(f"expert={k}".encode())
-    for sid in member_ids:
-        h.update(sid.encode() + b"\0")
+    for sid, sha in zip(member_ids, member_sha256):
+        h.update(f"{sid}\0{sha}\0".encode())
     return h.hexdigest()[:24]
+
+
+def _expert_seed(params: Params, key: str) -> int:
+    """The expert's training seed: from ``train_experts.seed`` and its members, not its number."""
+    return (params.train_experts.seed * 100_003 + int(key[:8], 16)) % (2**31 - 1)
 
 
 def train_one_expert(ws: Workspace, params: Params, k: int, *, device: str | None = None) -> dict:
@@ -69,17 +77,16 @@ def train_one_expert(ws: Workspace, params: Params, k: int, *, device: str | Non
     assignments = load_assignments(ws)
     index = load_index_order(ws)
     members = np.flatnonzero(assignments == k)
-    member_ids = [index.column("sample_id")[int(i)].as_py() for i in members]
-    key = _expert_key(member_ids, params, k, dev)
+    member_ids = index.column("sample_id").take(members).to_pylist()
+    key = _expert_key(member_ids, index.column("sha256").take(members).to_pylist(), params, dev)
     cache = ws.artifacts_dir / EXPERT_CACHE / f"{key}.pt"
     meta_path = cache.with_suffix(".json")
     if cache.exists() and meta_path.exists():
         entry = json.loads(meta_path.read_text())
         if file_sha256(cache) == entry["sha256"]:
             log.info("expert %d: reused from %s", k, cache)
-            return {**entry, "cache_file": str(cache), "reused": True}
-    uri = index.column("uri").to_pylist()
-    images = load_images_at(ws.data_dir, [uri[int(i)] for i in members])
+            return {**entry, "expert": k, "file": f"expert_{k:03d}.pt", "cache_file": str(cache), "reused": True}
+    images = load_index_images(ws, members, index)
     # Expert tasks run side by side; split the cores between them.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // p.workers))
     model, metrics = train_expert(
@@ -90,10 +97,10 @@ def train_one_expert(ws: Workspace, params: Params, k: int, *, device: str | Non
         batch_size=p.batch_size,
         lr=p.lr,
         val_fraction=p.val_fraction,
-        seed=p.seed * 100_003 + k,
+        seed=_expert_seed(params, key),
         **({} if is_cpu(dev) else {"device": dev}),
     )
-    meta = {"arch": p.arch, "expert": k, "input_size": EXPERT_INPUT_SIZE}
+    meta = {"arch": p.arch, "input_size": EXPERT_INPUT_SIZE, "members": len(members), "key": key}
     sha = save_expert(model, cache, meta=meta)
     entry = {"expert": k, "file": f"expert_{k:03d}.pt", "sha256": sha, **metrics}
     if not is_cpu(dev):  # recorded in bundle.json and the index version; CPU entries stay as they were

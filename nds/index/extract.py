@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nds._io import write_json
-from nds.config import Workspace
-from nds.corpus.read import iter_image_batches, load_catalog, load_images
+from nds._io import atomic_file, write_json
+from nds.config import IMAGE_SIZE, Workspace
+from nds.corpus.read import decode_object, iter_image_batches, load_catalog, load_images
 from nds.errors import InvalidInputError
 from nds.index._artifacts import stage_output
 from nds.models.extractors import Extractor, compute_features, load_extractor
@@ -37,29 +38,42 @@ log = logging.getLogger(__name__)
 #: Rows of one extraction shard, in batches: shard boundaries fall on batch boundaries, so
 #: every batch the extractor sees is the one a single pass would see (bit-identical features).
 SHARD_BATCHES = 64
-#: Finished shards of an interrupted extraction (deleted once the stage output is written).
+#: Extracted shards, keyed by their samples and settings: an interrupted run resumes from them and a
+#: run after ``nds source add`` reuses every unchanged dataset's shards (pruned to the current index).
 EXTRACT_CACHE = ".cache/extract"
+#: The corpus-format pixels of registered sources' rows (the experts' training images).
+PIXELS_FILE = "pixels.npy"
+#: Objects one reader process fetches at once (remote sources are latency-bound).
+FETCH_THREADS = 8
 
 
 def plan_extract(ws: Workspace, params: Params, *, shard_batches: int = SHARD_BATCHES) -> list[tuple[int, int]]:
-    """[start, stop) row ranges of the source catalog, one per extraction shard."""
+    """[start, stop) row ranges of the source catalog, one per extraction shard.
+
+    Shards never straddle two datasets and fall on batch boundaries counted from their
+    dataset's first row, so a dataset's shards (and their cache keys) do not move when another
+    source is added or removed: ``nds index`` after ``nds source add`` extracts only the new rows.
+    """
     if shard_batches < 1:
         raise InvalidInputError(f"shard_batches must be >= 1, got {shard_batches}")
-    n = load_catalog(ws.data_dir, split="source").num_rows
-    if n == 0:
-        raise InvalidInputError(f"{ws.catalog_path} has no source samples; rebuild the corpus")
+    catalog = load_catalog(ws.data_dir, split="source")
+    if catalog.num_rows == 0:
+        raise InvalidInputError(f"{ws.catalog_path} has no source samples; rebuild the corpus or add a source")
     size = params.extract.batch_size * shard_batches
-    return [(start, min(start + size, n)) for start in range(0, n, size)]
+    bounds = _dataset_bounds(catalog)
+    return [(start, min(start + size, stop)) for first, stop in zip(bounds, bounds[1:])
+            for start in range(first, stop, size)]
 
 
-def _shard_key(params: Params, sample_ids: list[str], start: int, compute: str | None = None) -> str:
-    """What determines a shard's features; ``compute`` names a non-CPU path (device/precision)."""
-    what = {"extract": params.extract.model_dump(exclude=RUNTIME_FIELDS), "start": start}
-    if compute:  # the CPU path keeps the keys it had before devices existed
+def _shard_key(params: Params, catalog, compute: str | None = None) -> str:
+    """What determines a shard's features: the extract params, the device path (``compute``, None
+    on the CPU), and the shard's samples by id and content hash -- not its position."""
+    what = {"extract": params.extract.model_dump(exclude=RUNTIME_FIELDS), "layout": "per-dataset-v2"}
+    if compute:
         what["compute"] = compute
     h = hashlib.sha256(json.dumps(what, sort_keys=True).encode())
-    for sid in sample_ids:
-        h.update(sid.encode() + b"\0")
+    for sid, sha in zip(catalog.column("sample_id").to_pylist(), catalog.column("sha256").to_pylist()):
+        h.update(f"{sid}\0{sha}\0".encode())
     return h.hexdigest()[:24]
 
 
@@ -90,6 +104,31 @@ class _CatalogBatches:
     def __getitem__(self, i: int) -> np.ndarray:
         s = slice(i * self.batch_size, (i + 1) * self.batch_size)
         return load_images(self.data_dir, self.arrays[s], self.rows[s])
+
+
+class _ObjectBatches:
+    """Map-style dataset over a registered source's objects: item i is batch i as a pair
+    (images at the extractor's size, images in the corpus format for the experts), both uint8.
+
+    Reader processes fetch, verify (sha256) and decode the originals, ``FETCH_THREADS`` objects at
+    a time each; nothing but the current batches is held in memory.
+    """
+
+    def __init__(self, uris: list[str], sha256s: list[str], image_size: int, batch_size: int):
+        self.uris, self.sha256s, self.image_size, self.batch_size = uris, sha256s, image_size, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.uris) // self.batch_size)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        s = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        sizes = (self.image_size, IMAGE_SIZE)
+        with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
+            pairs = list(pool.map(lambda us: decode_object(us[0], sizes, sha256=us[1]),
+                                  zip(self.uris[s], self.sha256s[s])))
+        return np.stack([a for a, _ in pairs]), np.stack([b for _, b in pairs])
 
 
 def loader_workers(requested: int) -> int:
@@ -137,42 +176,106 @@ def device_batches(ws: Workspace, catalog, batch_size: int, *, workers: int, pin
                       worker_init_fn=_reader_init if workers else None)
 
 
+def object_batches(catalog, image_size: int, batch_size: int, *, workers: int, pin: bool = False):
+    """A registered source's rows through a DataLoader: ``workers`` processes fetch and decode."""
+    from torch.utils.data import DataLoader
+
+    workers = loader_workers(workers)
+    data = _ObjectBatches(catalog.column("uri").to_pylist(), catalog.column("sha256").to_pylist(), image_size,
+                          batch_size)
+    return DataLoader(data, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
+                      prefetch_factor=2 if workers else None,
+                      multiprocessing_context=_reader_context() if workers else None,
+                      worker_init_fn=_reader_init if workers else None)
+
+
+def _keep_pixels(batches, pixels: np.ndarray):
+    """Yield the extractor's half of each (extract, corpus-format) pair; store the other in ``pixels``."""
+    start = 0
+    for images, small in batches:
+        images, small = np.asarray(images), np.asarray(small)
+        pixels[start:start + len(small)] = small
+        start += len(small)
+        yield images
+
+
+def _shard_entry(start: int, stop: int, path: Path, pixels: Path | None, **stats) -> dict:
+    return {"start": start, "stop": stop, "file": str(path), "pixels": str(pixels) if pixels else None, **stats}
+
+
 def extract_shard(ws: Workspace, params: Params, start: int, stop: int, *, progress: bool = False,
                   extractor: Extractor | None = None, device: str | None = None) -> dict:
     """Features of source rows [start, stop) into the shard cache (reused if already there).
 
-    device: overrides params.yaml ``extract.device`` (like $NDS_DEVICE); ignored when ``extractor`` is given.
+    Rows of a registered source are fetched and decoded from their originals at
+    ``extract.image_size``; their corpus-format pixels (for the experts) are cached beside the
+    features. device: overrides params.yaml ``extract.device`` (like $NDS_DEVICE); ignored when
+    ``extractor`` is given.
     """
-    catalog = load_catalog(ws.data_dir, split="source").slice(start, stop - start)
-    if catalog.num_rows != stop - start or start % params.extract.batch_size:
-        raise InvalidInputError(f"shard [{start}, {stop}) does not fit the catalog: plan the shards again (plan_extract)")
+    source = load_catalog(ws.data_dir, split="source")
+    _check_shard(source, start, stop, params.extract.batch_size)
+    catalog = source.slice(start, stop - start)
     if extractor is not None:
         dev, precision = (extractor.device, extractor.precision) if extractor.accelerated else (None, "fp32")
     else:
         dev, precision = placement(params, device)
     compute = None if is_cpu(dev) and precision == "fp32" else f"{dev.type}/{precision}"
-    key = _shard_key(params, catalog.column("sample_id").to_pylist(), start, compute)
+    key = _shard_key(params, catalog, compute)
     path = ws.artifacts_dir / EXTRACT_CACHE / f"{key}.npy"
-    if path.exists():
+    registered = catalog.column("array").null_count == catalog.num_rows
+    pixels_path = path.with_suffix(".pixels.npy") if registered else None
+    if path.exists() and (pixels_path is None or pixels_path.exists()):
         shape = np.load(path, mmap_mode="r").shape
         if shape[0] == catalog.num_rows:
             log.info("extract shard [%d, %d): reused %s", start, stop, path)
-            return {"start": start, "stop": stop, "file": str(path), "reused": True, "n_samples": shape[0],
-                    "dim": shape[1], "seconds": 0.0, "model_seconds": 0.0}
+            return _shard_entry(start, stop, path, pixels_path, reused=True, n_samples=shape[0], dim=shape[1],
+                                seconds=0.0, model_seconds=0.0)
     extractor = extractor or load_extractor(params.extract).to(dev, precision)
-    if extractor.accelerated:
-        batches = device_batches(ws, catalog, params.extract.batch_size, workers=params.extract.loader_workers,
-                                 pin=extractor.device.type == "cuda")
+    pin = extractor.accelerated and extractor.device.type == "cuda"
+    if registered:
+        loader = object_batches(catalog, extractor.image_size, params.extract.batch_size,
+                                workers=params.extract.loader_workers, pin=pin)
+        with atomic_file(pixels_path) as tmp:
+            pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                               shape=(catalog.num_rows, IMAGE_SIZE, IMAGE_SIZE, 3))
+            stats = compute_features(_keep_pixels(loader, pixels), catalog.num_rows, path, extractor=extractor,
+                                     progress=progress)
+            pixels.flush()
+            del pixels
     else:
-        batches = iter_image_batches(ws.data_dir, catalog, params.extract.batch_size)
-    stats = compute_features(batches, catalog.num_rows, path, extractor=extractor, progress=progress)
-    return {"start": start, "stop": stop, "file": str(path), "reused": False, **stats,
-            "extractor": extractor.name, "image_size": extractor.image_size,
-            "device": device_name(extractor.device), "precision": extractor.precision}
+        if extractor.accelerated:
+            batches = device_batches(ws, catalog, params.extract.batch_size, workers=params.extract.loader_workers,
+                                     pin=pin)
+        else:
+            batches = iter_image_batches(ws.data_dir, catalog, params.extract.batch_size)
+        stats = compute_features(batches, catalog.num_rows, path, extractor=extractor, progress=progress)
+    return _shard_entry(start, stop, path, pixels_path, reused=False, **stats, extractor=extractor.name,
+                        image_size=extractor.image_size, device=device_name(extractor.device),
+                        precision=extractor.precision)
+
+
+def _dataset_bounds(catalog) -> list[int]:
+    """Row offsets where each dataset's block of the (dataset-sorted) catalog starts, and the end."""
+    datasets = catalog.column("dataset").to_numpy(zero_copy_only=False)
+    return [0, *(np.flatnonzero(datasets[1:] != datasets[:-1]) + 1).tolist(), len(datasets)]
+
+
+def _check_shard(catalog, start: int, stop: int, batch_size: int) -> None:
+    """[start, stop) must lie in one dataset's block and start on a batch boundary of it."""
+    bounds = _dataset_bounds(catalog)
+    first = max((b for b in bounds[:-1] if b <= start), default=None)
+    end = bounds[bounds.index(first) + 1] if first is not None else 0
+    if first is None or not start < stop <= end or (start - first) % batch_size:
+        raise InvalidInputError(f"shard [{start}, {stop}) does not fit the catalog: plan the shards again (plan_extract)")
 
 
 def finish_extract(ws: Workspace, params: Params, shards: list[dict]) -> dict:
-    """Join the shards into `features.npy (n, dim) float16` + `index.parquet`; clear the shard cache."""
+    """Join the shards into ``features.npy (n, dim) float16`` + ``index.parquet`` (+ ``pixels.npy``,
+    the corpus-format pixels of registered sources' rows, at ``index.parquet``'s ``pixel_row``).
+
+    The shard cache keeps exactly the shards of this index (older ones are pruned), so the next
+    run after a source is added extracts only that source.
+    """
     catalog = load_catalog(ws.data_dir, split="source")
     shards = sorted(shards, key=lambda e: e["start"])
     covered = [(e["start"], e["stop"]) for e in shards]
@@ -182,6 +285,12 @@ def finish_extract(ws: Workspace, params: Params, shards: list[dict]) -> dict:
                                 "rerun extract")
     t0 = time.perf_counter()
     dim = int(shards[0]["dim"])
+    pixel_row = np.full(catalog.num_rows, -1, dtype=np.int64)
+    n_pixels = 0
+    for e in shards:
+        if e.get("pixels"):
+            pixel_row[e["start"]:e["stop"]] = np.arange(n_pixels, n_pixels + e["stop"] - e["start"])
+            n_pixels += e["stop"] - e["start"]
     with stage_output(ws, "extract") as out:
         feats = np.lib.format.open_memmap(out / "features.npy", mode="w+", dtype=np.float16,
                                           shape=(catalog.num_rows, dim))
@@ -189,7 +298,17 @@ def finish_extract(ws: Workspace, params: Params, shards: list[dict]) -> dict:
             feats[e["start"]:e["stop"]] = np.load(e["file"], mmap_mode="r")
         feats.flush()
         del feats
-        pq.write_table(catalog.select(["sample_id", "dataset", "label", "uri", "split", "sha256"]), out / "index.parquet")
+        if n_pixels:
+            pixels = np.lib.format.open_memmap(out / PIXELS_FILE, mode="w+", dtype=np.uint8,
+                                               shape=(n_pixels, IMAGE_SIZE, IMAGE_SIZE, 3))
+            for e in shards:
+                if e.get("pixels"):
+                    pixels[pixel_row[e["start"]]:pixel_row[e["start"]] + e["stop"] - e["start"]] = \
+                        np.load(e["pixels"], mmap_mode="r")
+            pixels.flush()
+            del pixels
+        index = catalog.select(["sample_id", "dataset", "label", "uri", "split", "sha256"])
+        pq.write_table(index.append_column("pixel_row", pa.array(pixel_row)), out / "index.parquet")
         computed = [e for e in shards if not e["reused"]]
         model_s = sum(e["model_seconds"] for e in shards)
         wall = sum(e["seconds"] for e in shards) + (time.perf_counter() - t0)
@@ -198,6 +317,7 @@ def finish_extract(ws: Workspace, params: Params, shards: list[dict]) -> dict:
             "dim": dim,
             "shards": len(shards),
             "shards_reused": len(shards) - len(computed),
+            "samples_extracted": sum(e["n_samples"] for e in computed),
             "seconds": round(wall, 3),
             "model_seconds": round(model_s, 3),
             "images_per_second": round(sum(e["n_samples"] for e in computed) / wall, 1) if computed and wall > 0 else None,
@@ -206,11 +326,18 @@ def finish_extract(ws: Workspace, params: Params, shards: list[dict]) -> dict:
             "device": ", ".join(sorted({e["device"] for e in computed if "device" in e})) or None,
         }
         write_json(out / "extract.json", stats)
-    for e in shards:
-        Path(e["file"]).unlink(missing_ok=True)
-    log.info("extract: %d samples in %d shards, %d-d features, %.1f img/s", stats["n_samples"], len(shards),
-             dim, stats["images_per_second"] or 0)
+    _prune_cache(ws, shards)
+    log.info("extract: %d samples in %d shards (%d reused), %d-d features, %.1f img/s", stats["n_samples"],
+             len(shards), stats["shards_reused"], dim, stats["images_per_second"] or 0)
     return stats
+
+
+def _prune_cache(ws: Workspace, shards: list[dict]) -> None:
+    """Delete cached shards this index does not use (a removed source's, an older setting's)."""
+    keep = {Path(e[f]).name for e in shards for f in ("file", "pixels") if e.get(f)}
+    for path in (ws.artifacts_dir / EXTRACT_CACHE).glob("*.npy"):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
 
 
 def run_extract(ws: Workspace, params: Params, *, progress: bool = False, shard_batches: int = SHARD_BATCHES,

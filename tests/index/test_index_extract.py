@@ -28,7 +28,13 @@ def test_sharded_extraction_resumes_and_equals_one_pass(tiny_index, tmp_path):
     stats = run_extract(ws, params, shard_batches=4)
     assert stats["shards"] == len(plan) and stats["shards_reused"] == 2
     assert np.array_equal(np.load(ws.stage_dir("extract") / "features.npy"), one_pass)
-    assert not list((ws.artifacts_dir / EXTRACT_CACHE).glob("*.npy")), "cache cleared after success"
+    # After success the cache holds exactly this index's shards (the next run after `nds source add`
+    # extracts only the new source); a stale shard is pruned.
+    assert len(list((ws.artifacts_dir / EXTRACT_CACHE).glob("*.npy"))) == len(plan)
+    stale = ws.artifacts_dir / EXTRACT_CACHE / "stale.npy"
+    np.save(stale, np.zeros((1, 1)))
+    run_extract(ws, params, shard_batches=4)
+    assert not stale.exists() and len(list((ws.artifacts_dir / EXTRACT_CACHE).glob("*.npy"))) == len(plan)
     with pytest.raises(NDSError, match="do not cover"):
         finish_extract(ws, params, [])
 
