@@ -45,7 +45,10 @@ def make_images(src_data: Path, out: Path, n: int, seed: int = 0) -> list[Path]:
 
     from nds.corpus.read import load_catalog, load_images
 
+    import pyarrow.compute as pc
+
     cat = load_catalog(src_data, split="source")
+    cat = cat.filter(pc.is_valid(cat.column("array")))  # packaged rows (they have pixels to start from)
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, cat.num_rows, n)
     arrays = np.asarray(cat.column("array").to_pylist(), dtype=object)[pick]
@@ -102,6 +105,9 @@ class Servers:
         import boto3
         from moto.server import ThreadedMotoServer
 
+        import logging
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
         os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
         self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.moto.start()
@@ -155,11 +161,12 @@ def extract_source(ws_root: Path, source: str) -> dict:
     """Run the extract stage in a child process (its peak RSS is the figure); the new source's shards only."""
     code = f"""
 import json, resource, time, sys
+from pathlib import Path
 from nds.config import Workspace
 from nds.index.extract import plan_extract, extract_shard, load_placed_extractor
 from nds.corpus.read import load_catalog
 from nds.params import load_params
-ws = Workspace({str(ws_root)!r}); params = load_params(ws.params_path)
+ws = Workspace(Path({str(ws_root)!r})); params = load_params(ws.params_path)
 cat = load_catalog(ws.data_dir, split="source")
 ds = cat.column("dataset").to_pylist()
 plan = [(a, b) for a, b in plan_extract(ws, params) if ds[a] == {source!r}]
@@ -239,7 +246,6 @@ def main() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     src_data = Workspace(Path(args.root).resolve()).data_dir
     rows = []
-    baseline = raw_forward(args.image_size, args.batch, max(2 * args.batch, 1024))
     with tempfile.TemporaryDirectory(prefix="nds-ingest-") as tmp:
         tmp = Path(tmp)
         for n in sizes:
@@ -267,6 +273,8 @@ def main() -> int:
                     t = time.perf_counter()
                     info = add_source(ws, "outside", locations[kind], progress=False, track=False)
                     reg_s = time.perf_counter() - t
+                    # The baseline right before the run it is compared with (same machine load).
+                    baseline = raw_forward(args.image_size, args.batch, min(max(n, 4 * args.batch), 2048))
                     ext = extract_source(ws.root, "outside")
                     ips = ext["n"] / ext["seconds"]
                     row = {"n": n, "kind": kind, "registered": info["counts"]["registered"],

@@ -6,8 +6,8 @@
 
 For each index (`small`: N = 22,402, K = 24, the size of the `small` profile; `large`: N = 1e7,
 K = 1000, both synthetic: benchmarks/synthetic_index.py writes the files the index stages write,
-once, under --work), the real `nds serve` runs on 127.0.0.1 (one process, default options except
---rate-limit 0: the clients share 4 tokens) and --clients asyncio clients (httpx) each send
+once, under --work), the real `nds serve` runs on 127.0.0.1 (default options except --rate-limit 0, the clients share 4 tokens,
+and --workers, default 2: one process per core) and --clients asyncio clients (aiohttp) each send
 POST /v1/selections back to back for --duration seconds, with the body `nds client request`
 sends (no rows inline; --rows puts the B manifest rows in every answer, as other API users may
 ask). Two modes per index: closed loop (every client sends its next request when the last one is
@@ -139,8 +139,11 @@ async def _load(url: str, bodies: list[bytes], tokens: list[str], clients: int, 
                 rate: float = 0.0) -> dict:
     """Closed loop (rate 0: each client sends its next request when the last is answered) or open
     loop (`rate` requests/s in all, slot j at start + j/rate, handed round-robin to the clients;
-    latency counts from the slot's time, so a late start is not hidden)."""
-    import httpx
+    latency counts from the slot's time, so a late start is not hidden).
+
+    The clients are aiohttp (asyncio, one process): on the same 2 cores as the server, the load
+    generator must be light (httpx took ~3x its CPU per request here)."""
+    import aiohttp
 
     latencies, errors, statuses = [], 0, {}
     start = time.perf_counter()
@@ -158,11 +161,11 @@ async def _load(url: str, bodies: list[bytes], tokens: list[str], clients: int, 
                     break
                 await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
             try:
-                r = await http.post("/v1/selections", content=bodies[j % len(bodies)], headers=headers)
-                await r.aread()
-                ok = r.status_code == 200
-                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-            except httpx.HTTPError as exc:
+                async with http.post(f"{url}/v1/selections", data=bodies[j % len(bodies)], headers=headers) as r:
+                    await r.read()
+                    ok = r.status == 200
+                    statuses[r.status] = statuses.get(r.status, 0) + 1
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 ok = False
                 statuses[type(exc).__name__] = statuses.get(type(exc).__name__, 0) + 1
             if ok:
@@ -171,9 +174,9 @@ async def _load(url: str, bodies: list[bytes], tokens: list[str], clients: int, 
                 errors += 1
             j += clients
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+    connector = aiohttp.TCPConnector(limit=clients, keepalive_timeout=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as http:
         await asyncio.gather(*(one_client(i, http) for i in range(clients)))
     wall = time.perf_counter() - t0
     lat = np.asarray(latencies) * 1000
@@ -200,7 +203,7 @@ def run_service(name: str, root: Path, info: dict, budget: int, args) -> list[di
                           "seed": i, "include_rows": args.rows}).encode() for i in range(256)]
     port = _free_port()
     t0 = time.perf_counter()
-    proc = _start_server(root, port, args.serve_args)
+    proc = _start_server(root, port, ["--workers", str(args.workers), *args.serve_args])
     start_s = time.perf_counter() - t0
     url = f"http://127.0.0.1:{port}"
     sampler = Sampler(proc.pid)
@@ -212,10 +215,12 @@ def run_service(name: str, root: Path, info: dict, budget: int, args) -> list[di
             assert r.status_code == 200, r.text
         results = []
         for rate in ([0.0] if args.rate <= 0 else [0.0, args.rate]):
-            cpu0 = sampler.cpu()
+            cpu0, own0 = sampler.cpu(), time.process_time()
             result = asyncio.run(_load(url, bodies, tokens, args.clients, args.duration, rate))
             result["offered_per_s"] = rate or None
             result["server_cpu_s_per_selection"] = round((sampler.cpu() - cpu0) / max(1, result["selections"]), 4)
+            # the load generator's own CPU (it shares the machine's cores with the server)
+            result["client_cpu_s_per_selection"] = round((time.process_time() - own0) / max(1, result["selections"]), 4)
             result["load_average_1m"] = round(os.getloadavg()[0], 1)  # other work on the machine meanwhile
             results.append(result)
     finally:
@@ -228,7 +233,7 @@ def run_service(name: str, root: Path, info: dict, budget: int, args) -> list[di
     for result in results:
         mode = f"{result['offered_per_s']:g}/s offered" if result["offered_per_s"] else "closed loop"
         result.update(index=name, path=f"nds serve, {mode}", n=info["n"], k=info["k"], budget=budget,
-                      clients=args.clients, rows_inline=args.rows, start_s=round(start_s, 1),
+                      clients=args.clients, workers=args.workers, rows_inline=args.rows, start_s=round(start_s, 1),
                       server_rss_mb=round(sampler.peak / 2**20), server_private_mb=round(sampler.peak_private / 2**20))
     _clean(root)
     return results
@@ -291,6 +296,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=50.0,
                     help="also an open-loop run at this many selections/s in all (0: closed loop only)")
     ap.add_argument("--rows", action="store_true", help="ask for the manifest rows in every answer")
+    ap.add_argument("--workers", type=int, default=2, help="`nds serve --workers` (default %(default)s: one per core)")
     ap.add_argument("--baseline-runs", type=int, default=3)
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="extra `nds serve` options (last)")
@@ -311,9 +317,9 @@ def main() -> None:
             rows.append(run_baseline(name, root, info, spec["budget"], args.baseline_runs))
             print(json.dumps(rows[-1]), flush=True)
     print()
-    print("| index | N | K | B | path | clients | selections | per s | p50 ms | p95 ms | p99 ms | errors "
-          "| server RSS (private) MB | server CPU ms/sel | load avg | vs Prefect |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| index | N | K | B | path | clients | workers | selections | per s | p50 ms | p95 ms | p99 ms | errors "
+          "| server RSS (private) MB | server / client CPU ms/sel | load avg | vs Prefect |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         base = next((b for b in rows if b["index"] == row["index"] and b["path"].startswith("prefect") and b.get("per_s")),
                     None)
@@ -324,9 +330,11 @@ def main() -> None:
         shown = {k: ("-" if row.get(k) is None else row.get(k)) for k in
                  ("selections", "per_s", "p50_ms", "p95_ms", "p99_ms", "errors", "server_rss_mb", "load_average_1m")}
         rss = f"{shown['server_rss_mb']} ({row['server_private_mb']})" if row.get("server_private_mb") else "-"
-        cpu = f"{1000 * row['server_cpu_s_per_selection']:.1f}" if row.get("server_cpu_s_per_selection") else "-"
+        cpu = (f"{1000 * row['server_cpu_s_per_selection']:.1f} / {1000 * row['client_cpu_s_per_selection']:.1f}"
+               if row.get("server_cpu_s_per_selection") else "-")
         note = f" ({row['error']})" if row.get("error") else ""
         print(f"| {row['index']} | {row['n']:,} | {row['k']} | {row['budget']:,} | {row['path']}{note} | {row['clients']} | "
+              f"{row.get('workers', '-')} | "
               f"{shown['selections']} | {shown['per_s']} | {shown['p50_ms']} | {shown['p95_ms']} | {shown['p99_ms']} | "
               f"{shown['errors']} | {rss} | {cpu} | {shown['load_average_1m']} | {ratio} |")
     doc = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},

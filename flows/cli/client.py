@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from nds.config import Workspace
@@ -18,7 +19,7 @@ def _cmd_client_fetch(args) -> int:
 
 
 #: Scorers that need no labels (the others need one subfolder per class, >= 2 classes).
-LABEL_FREE_MODES = ("rotation",)
+LABEL_FREE_MODES = ("rotation", "features", "combined")
 
 
 def _check_score_inputs(args):
@@ -31,7 +32,11 @@ def _check_score_inputs(args):
         raise InvalidInputError(f"--out {out} is a folder: give a file name for scores.json (e.g. {out / 'scores.json'})")
     if out.exists() and not args.overwrite:
         raise InvalidInputError(f"--out {out} already exists: choose a new file, or pass --overwrite to replace it")
-    load_bundle(Path(args.experts), verify=False)  # present and intact; checksums are verified when scoring
+    bundle = load_bundle(Path(args.experts), verify=False)  # present and intact; checksums are verified when scoring
+    if args.mode is None:
+        from nds.formats.bundle import default_mode
+
+        args.mode = default_mode(bundle)
     try:
         layout = inspect_client_data(Path(args.data))
     except NDSError as exc:
@@ -69,12 +74,15 @@ def _cmd_client_score(args) -> int:
 
 
 def _cmd_client_download(args) -> int:
-    from nds.client.download import download_manifest
+    from nds.client.download import download_manifest, summary_line
 
-    info = download_manifest(Path(args.manifest), Path(args.out), ws=Workspace.from_env(args.root),
-                             progress=not args.quiet)
-    print(f"downloaded {info['images']} images from {info['source']} into {info['out_dir']} "
-          "(ImageFolder: dataset/label/sample.png)")
+    manifest = args.manifest or args.manifest_option
+    if not manifest or (args.manifest and args.manifest_option):
+        raise InvalidInputError("give the manifest once: `nds client download MANIFEST --out DIR`")
+    report = download_manifest(Path(manifest), Path(args.out), ws=Workspace.from_env(args.root),
+                               workers=args.workers, retries=args.retries, timeout_s=args.timeout,
+                               fill=args.fill, resume=args.resume, progress=not args.quiet)
+    print(summary_line(report))
     return 0
 
 
@@ -93,8 +101,11 @@ def add_commands(sub) -> None:
                        "(unlabelled: rotation only) or .npz with images (+ labels)")
     score.add_argument("--out", required=True, help="scores.json to write (an existing file needs --overwrite)")
     score.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    score.add_argument("--mode", default="rotation", choices=SCORERS.names(),
-                       help="scorer (default: rotation, the most domain-selective on the embedded tasks)")
+    score.add_argument("--mode", default=None, choices=SCORERS.names(),
+                       help="scorer (default: combined where the bundle ships cluster statistics, else rotation; "
+                       "features: the index's public extractor and the bundle's "
+                       "cluster statistics, for images from collections the index has never seen; combined: the "
+                       "mean rank under rotation and features)")
     score.add_argument("--seed", type=int, default=0)
     score.add_argument("--threads", type=int, default=1,
                        help="torch threads while scoring (default 1: fastest for these small experts on shared cores)")
@@ -102,9 +113,22 @@ def add_commands(sub) -> None:
     score.add_argument("--emit-hashes", action="store_true",
                        help="add content hashes of your images so the server excludes exact duplicates")
     score.set_defaults(func=_cmd_client_score)
-    dl = csub2.add_parser("download", help="materialise a manifest's images as an ImageFolder")
-    dl.add_argument("--manifest", required=True, help="manifest folder or manifest.parquet/.csv")
-    dl.add_argument("--out", required=True)
+    dl = csub2.add_parser("download", help="fetch a manifest's images, one by one, into an ImageFolder "
+                          "(dataset/label/sample.ext), verified against their sha256")
+    dl.add_argument("manifest", nargs="?", help="manifest folder or manifest.parquet/.csv (urls.csv beside it "
+                    "holds the presigned links of `nds select --presign`)")
+    dl.add_argument("--manifest", dest="manifest_option", metavar="MANIFEST", help="the same, as an option")
+    dl.add_argument("--out", required=True, help="a new or empty folder (or one to --resume)")
+    dl.add_argument("--workers", type=int, default=8, help="concurrent fetches (default 8)")
+    dl.add_argument("--retries", type=int, default=3,
+                    help="retries per image on timeouts, 5xx and lost connections, with backoff (default 3; "
+                    "404/403 are not retried)")
+    dl.add_argument("--timeout", type=float, default=30.0, help="seconds per attempt (default 30)")
+    dl.add_argument("--fill", action=argparse.BooleanOptionalAction, default=None,
+                    help="replace dead, changed or corrupt images with the manifest's reserve rows, in rank order "
+                    "(default: on when the manifest has reserve rows)")
+    dl.add_argument("--resume", action="store_true",
+                    help="continue an interrupted download in --out: verified files are kept, the rest fetched")
     dl.set_defaults(func=_cmd_client_download)
     from flows.cli.serve import add_client_request
 

@@ -25,6 +25,7 @@ def _cmd_evaluate(args) -> int:
     fields = {k: v for k, v in {
         "tasks": args.task, "budgets": args.budget, "strategies": args.strategy, "shots": args.shots,
         "seeds": list(range(args.seeds)) if args.seeds is not None else None, "temperature": args.temperature,
+        "scorer": args.scorer,
         "train_dir": args.train, "test_dir": args.test, "out_dir": str(Path(args.out).resolve()) if args.out else None,
     }.items() if v is not None}
     if args.train:
@@ -56,10 +57,13 @@ def _cmd_evaluate(args) -> int:
 
 
 def add_commands(sub) -> None:
-    from nds._registry import EVAL_STRATEGIES
+    from nds._registry import EVAL_STRATEGIES, SCORERS
+    from nds.evaluate.tasks import TASKS
 
     ev = sub.add_parser("evaluate", help="pre-train on each strategy's selection, fine-tune on a target, compare")
-    ev.add_argument("--task", action="append", help="built-in target task (repeatable): digits, clothing, letters, animals, emoji")
+    ev.add_argument("--task", action="append",
+                    help=f"built-in target task (repeatable): {', '.join(TASKS)} (digits-m, lcd-digits, icons and "
+                    "nebulae come from collections outside the source)")
     ev.add_argument("--train", help="your own labelled train ImageFolder (with --test) instead of --task")
     ev.add_argument("--test", help="your own labelled test ImageFolder")
     ev.add_argument("--budget", action="append", type=float, help="count or fraction of the source (repeatable)")
@@ -68,6 +72,7 @@ def add_commands(sub) -> None:
     ev.add_argument("--seeds", type=int, help="number of seeds (0..N-1; default 3)")
     ev.add_argument("--shots", type=int, help="train images per class of a built-in task (default 10)")
     ev.add_argument("--temperature", type=float, help="selection temperature (default: the server's)")
+    ev.add_argument("--scorer", choices=SCORERS.names(), help="how the nds strategy scores the experts (default rotation)")
     ev.add_argument("--pretrain-steps", type=int,
                     help="cap of pre-training steps (each selection trains 30 epochs within [300, cap] steps)")
     ev.add_argument("--finetune-steps", type=int)

@@ -35,7 +35,7 @@ def _request(args):
     try:
         return SelectRequest(
             scores_path=str(args.scores), budget=args.budget, temperature=args.temperature, seed=args.seed,
-            datasets=args.dataset, exclude=exclude, method=args.method, presign_expiry_s=args.presign,
+            datasets=args.dataset, exclude=exclude, method=args.method, presign_expiry_s=args.presign, fill=args.fill,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -111,7 +111,9 @@ def _cmd_select(args) -> int:
         raise
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+    reserve = summary.get("reserve") or 0
     print(f"selection {summary['selection_id']}: {summary['rows']} of {summary['n_eligible']} eligible samples"
+          + (f" ({summary['budget']} + {reserve} reserve rows, rank >= {summary['budget']})" if reserve else "")
           + (" (replaced the earlier selection in --out)" if replace else ""))
     for ds, n in sorted(summary["counts_per_dataset"].items(), key=lambda kv: -kv[1]):
         print(f"  {ds:10s} {n:6d}  {n / summary['rows']:.1%}")
@@ -133,6 +135,9 @@ def add_commands(sub) -> None:
     sel.add_argument("--budget", required=True, type=float, help="count (e.g. 2000) or fraction (e.g. 0.1)")
     sel.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="softmax temperature (default %(default)s)")
     sel.add_argument("--seed", type=int, default=0)
+    sel.add_argument("--fill", type=float, default=0.0, metavar="F",
+                     help="also select F x budget reserve rows after the budget's (0-1, default 0): replacements for "
+                          "dead links, in rank order; the first rows are the selection without --fill")
     sel.add_argument("--dataset", action="append", help="only this source domain (repeatable)")
     sel.add_argument("--exclude-file", help="file of sample_ids / sha256 hashes to leave out, one per line")
     sel.add_argument("--method", default="auto", choices=["auto", *SAMPLERS.names()],

@@ -11,6 +11,10 @@ is one function registered in ``nds._registry.SCORERS``:
 - ``logme``: LogME evidence (You et al., ICML 2021) of the labels given the features: a
   Bayesian linear model's marginal likelihood, per class one-hot target, averaged. No
   cross-validation, so cheaper than ``linear``; needs labels.
+- ``features``: no expert runs. The client embeds its images with the index's public
+  extractor and scores cluster k by the share of its images that k's Gaussian (the bundle's
+  ``cluster_stats``) explains best: mean posterior, equal priors. Works when the client's
+  images come from a collection the server never indexed; needs no labels.
 
 The images are decoded once (``nds.client.images.load_client_images``) and, for ``rotation``,
 preprocessed and rotated once for all experts; each expert then runs over them in batches
@@ -222,6 +226,63 @@ def score_logme(model, images: np.ndarray, labels, *, seed: int = 0, device=None
         return compute_logme(feats, codes)
 
 
+#: Client images per extractor pass of the ``features`` scorer (what the extract stage uses).
+EXTRACT_BATCH = 128
+
+
+def compute_feature_scores(stats, features: np.ndarray) -> np.ndarray:
+    """(K,) float64 in [0, 1], summing to 1: the mean posterior of each cluster over the images.
+
+    stats: ``nds.index.cluster_stats.ClusterStats``; features: (n, F) raw extractor output.
+    Equal priors, so a big cluster gains nothing from its size.
+    """
+    ll = stats.log_likelihoods(features)
+    post = np.exp(ll - ll.max(axis=1, keepdims=True))
+    post /= post.sum(axis=1, keepdims=True)
+    return post.mean(axis=0)
+
+
+@SCORERS.register("features")
+def score_features(bundle: dict, images: np.ndarray, labels=None, *, seed: int = 0, device=None) -> np.ndarray:
+    """Scores of every cluster at once from the bundle's ``cluster_stats`` (no expert is loaded).
+
+    images: (n, 32, 32, 3) uint8, embedded with the extractor the stats name, at their input size.
+    """
+    from nds.index.cluster_stats import ClusterStats
+    from nds.models.device import is_cpu
+    from nds.models.extractors import load_extractor
+    from nds.params import ExtractParams
+
+    stats = ClusterStats.from_bundle(bundle)
+    extractor = load_extractor(ExtractParams(extractor=stats.extractor, image_size=stats.image_size))
+    if device is not None and not is_cpu(device):
+        extractor = extractor.to(device)
+    feats = np.concatenate([extractor(images[s:s + EXTRACT_BATCH]) for s in range(0, len(images), EXTRACT_BATCH)])
+    return compute_feature_scores(stats, feats)
+
+
+#: Scorers that score the whole bundle at once from bundle.json, without running the experts.
+BUNDLE_SCORERS = (score_features,)
+
+
+def combine_ranks(*scores: np.ndarray) -> np.ndarray:
+    """(K,) float64 in [0, 1]: the mean over scorers of each expert's rank (ties share the mean rank)."""
+    from scipy.stats import rankdata
+
+    k = len(scores[0])
+    return np.mean([(rankdata(s) - 1) / max(k - 1, 1) for s in scores], axis=0)
+
+
+@SCORERS.register("combined")
+def score_combined(rotation: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """The ``combined`` scores from the (K,) ``rotation`` and ``features`` scores of the same images."""
+    return combine_ranks(rotation, features)
+
+
+#: Scorers made of other scorers' results: mode -> the modes they combine.
+COMPOSITE_SCORERS = {score_combined: ("rotation", "features")}
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -255,7 +316,12 @@ def score_experts(
                                 "load them with nds.client.images.load_client_images")
     if len(images) == 0:
         raise InvalidInputError("no client images to score; give at least a few images per class")
-    if scorer is not score_rotation:  # fail on the labels before any expert runs
+    if scorer in COMPOSITE_SCORERS:
+        parts = [score_experts(bundle_dir, data, mode=m, seed=seed, progress=progress, threads=threads, device=device)
+                 for m in COMPOSITE_SCORERS[scorer]]
+        return ScoreResult(np.asarray(scorer(*(p.scores for p in parts)), dtype=np.float64),
+                           sum(p.seconds_per_expert for p in parts), mode, parts[0].bundle)
+    if scorer not in (score_rotation, *BUNDLE_SCORERS):  # fail on the labels before any expert runs
         codes, names = _label_codes(data.labels, mode)
         if scorer is score_linear:
             _n_folds(codes, names)
@@ -264,6 +330,8 @@ def score_experts(
     if bundle.get("input_size") != experts.EXPERT_INPUT_SIZE:
         raise InvalidInputError(f"bundle input size {bundle.get('input_size')} is not {experts.EXPERT_INPUT_SIZE}; "
                                 "update nds to the version that made the bundle")
+    if scorer in BUNDLE_SCORERS:
+        return _score_bundle(scorer, bundle, images, data.labels, mode=mode, seed=seed, threads=threads, device=dev)
     # One decoded, preprocessed (and for rotation: rotated) pass of the images for all experts.
     prepared = {"prepared": rotated_batches(images)} if scorer is score_rotation else {}
     if not is_cpu(dev):  # the prepared batches go up once; every expert runs on the device
@@ -287,3 +355,19 @@ def score_experts(
     log.info("scored %d experts (%s) on %d images in %.1fs; best expert %d (%.4f)",
              len(scores), mode, len(images), time.perf_counter() - t_all, best, result.scores[best])
     return result
+
+
+def _score_bundle(scorer, bundle: dict, images: np.ndarray, labels, *, mode: str, seed: int, threads, device
+                  ) -> ScoreResult:
+    from nds.models.device import is_cpu
+
+    t0 = time.perf_counter()
+    with experts.torch_threads(threads):
+        scores = np.asarray(scorer(bundle, images, labels, seed=seed, device=None if is_cpu(device) else device),
+                            dtype=np.float64)
+    seconds = time.perf_counter() - t0
+    if scores.shape != (bundle["k"],) or not np.isfinite(scores).all():
+        raise InvalidInputError(f"scorer {mode!r} gave {scores.shape} scores for a bundle of {bundle['k']} experts")
+    log.info("scored %d clusters (%s) on %d images in %.1fs; best %d (%.4f)", len(scores), mode, len(images),
+             seconds, int(np.argmax(scores)), scores.max())
+    return ScoreResult(scores, np.full(len(scores), seconds / len(scores)), mode, bundle)

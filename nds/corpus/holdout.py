@@ -1,4 +1,5 @@
-"""Client target tasks built from held-out corpus images (never in the indexed source)."""
+"""Client target tasks as ImageFolders: held-out corpus images (never in the indexed source), or a
+cross-domain task built from a collection outside the source (``nds.corpus.tasks``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 
 from nds.client.download import image_folder_writer
 from nds.config import Workspace
-from nds.corpus.read import load_catalog, load_images
+from nds.corpus.read import image_sha256, load_catalog, load_images
+from nds.corpus.tasks import OUTSIDE_TASKS, build_outside_task
 from nds.errors import NotFoundError
 
 log = logging.getLogger(__name__)
@@ -17,12 +19,19 @@ log = logging.getLogger(__name__)
 
 def export_holdout(ws: Workspace, dataset: str, out_dir: Path, *, per_class: int = 20, seed: int = 0,
                    max_classes: int | None = None) -> dict:
-    """Write up to `per_class` held-out images per label of `dataset` as an ImageFolder of PNGs."""
+    """Write up to `per_class` held-out images per label of `dataset` as an ImageFolder of PNGs.
+
+    `dataset` may also name a cross-domain task (digits-m, lcd-digits, icons, nebulae): its
+    images, built for `seed`, are written the same way (file names: class, index, content hash).
+    """
+    if dataset in OUTSIDE_TASKS:
+        return _export_outside(ws, dataset, Path(out_dir), per_class=per_class, seed=seed)
     cat = load_catalog(ws.data_dir, split="holdout")
     ds = np.asarray(cat.column("dataset").to_pylist(), dtype=object)
     known = sorted(set(ds))
     if dataset not in known:
-        raise NotFoundError(f"no held-out images for dataset {dataset!r}; choose one of {known}")
+        raise NotFoundError(f"no held-out images for dataset {dataset!r}; choose one of {known} "
+                            f"or a cross-domain task: {', '.join(OUTSIDE_TASKS)}")
     idx = np.flatnonzero(ds == dataset)
     labels = np.asarray(cat.column("label").to_pylist(), dtype=object)[idx]
     rng = np.random.default_rng(seed)
@@ -46,3 +55,11 @@ def export_holdout(ws: Workspace, dataset: str, out_dir: Path, *, per_class: int
         for img, sid, lab in zip(images, ids, labs):
             write(img, (lab,), sid)
     return {"dataset": dataset, "images": len(chosen), "classes": len(classes), "out_dir": str(out_dir)}
+
+
+def _export_outside(ws: Workspace, name: str, out_dir: Path, *, per_class: int, seed: int) -> dict:
+    images, labels = build_outside_task(ws, name, per_class=per_class, seed=seed)
+    with image_folder_writer(out_dir) as write:
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            write(img, (str(lab),), f"{name}-{lab}-{i:05d}-{image_sha256(img)[:12]}")
+    return {"dataset": name, "images": len(images), "classes": len(set(labels.tolist())), "out_dir": str(out_dir)}

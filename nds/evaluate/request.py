@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from nds._registry import EVAL_STRATEGIES
+from nds._registry import EVAL_STRATEGIES, SCORERS
 from nds.errors import InvalidInputError
 from nds.evaluate.runner import resolve_budgets
 from nds.evaluate.tasks import TASKS, TargetTask, load_target_task
@@ -30,6 +30,8 @@ class EvaluateRequest(BaseModel):
     shots: int = Field(10, ge=1, description="Labelled train images per class of a built-in task.")
     test_per_class: int = Field(50, ge=1)
     temperature: float | None = Field(None, gt=0, description="Selection temperature (default: the server's).")
+    scorer: str = Field("rotation", description="How the nds strategy scores the experts on the train images: "
+                        "rotation, features, combined, linear or logme (nds client score --mode).")
     train: TrainConfig = Field(default_factory=TrainConfig)
     out_dir: str | None = Field(None, description="Output folder (default: evaluations/<evaluation id>).")
 
@@ -48,6 +50,13 @@ class EvaluateRequest(BaseModel):
         unknown = [t for t in value if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown target task(s) {unknown}; choose from: {', '.join(TASKS)}")
+        return value
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, value: str) -> str:
+        if value not in SCORERS:
+            raise ValueError(f"unknown scorer {value!r}; choose from: {', '.join(SCORERS.names())}")
         return value
 
     @field_validator("strategies")

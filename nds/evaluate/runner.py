@@ -66,7 +66,8 @@ def _selection_key(positions: np.ndarray, seed: int, config: TrainConfig) -> str
 def evaluate(ws: Workspace, tasks: Sequence[str | TargetTask], budgets: Sequence[float], *,
              strategies: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1, 2), shots: int = 10,
              test_per_class: int = 50, config: TrainConfig | None = None, temperature: float | None = None,
-             work_dir: Path | None = None, progress: bool = True, device: str | None = None) -> pa.Table:
+             work_dir: Path | None = None, progress: bool = True, device: str | None = None,
+             scorer: str = "rotation") -> pa.Table:
     """Run every (task, strategy, budget, seed); one row per run (``outputs.RESULT_COLUMNS``).
 
     ``tasks``: built-in names (``TASKS``; rebuilt per seed, so the few-shot split varies
@@ -77,6 +78,7 @@ def evaluate(ws: Workspace, tasks: Sequence[str | TargetTask], budgets: Sequence
     not depend on the task), so several tasks cost less than their sum.
     ``work_dir`` keeps the ``nds`` manifests (default: a temporary folder, removed).
     ``device``: where pre-training, fine-tuning and scoring run (None: $NDS_DEVICE, else auto).
+    ``scorer``: how the ``nds`` strategy scores the experts on the task's train images (``SCORERS``).
     """
     from nds.models.device import is_cpu, pick_device
     from nds.models.experts import torch_threads
@@ -85,11 +87,12 @@ def evaluate(ws: Workspace, tasks: Sequence[str | TargetTask], budgets: Sequence
     with torch_threads(TORCH_THREADS):
         return _evaluate(ws, tasks, budgets, strategies=strategies, seeds=seeds, shots=shots,
                          test_per_class=test_per_class, config=config, temperature=temperature,
-                         work_dir=work_dir, progress=progress, on={} if is_cpu(dev) else {"device": dev})
+                         work_dir=work_dir, progress=progress, on={} if is_cpu(dev) else {"device": dev},
+                         scorer=scorer)
 
 
 def _evaluate(ws, tasks, budgets, *, strategies, seeds, shots, test_per_class, config, temperature, work_dir,
-              progress, on) -> pa.Table:
+              progress, on, scorer) -> pa.Table:
     from tqdm.auto import tqdm
 
     config = config or TrainConfig()
@@ -123,7 +126,7 @@ def _evaluate(ws, tasks, budgets, *, strategies, seeds, shots, test_per_class, c
             for seed in seeds:
                 task = (build_target_task(ws, t, shots=shots, seed=seed, test_per_class=test_per_class)
                         if isinstance(t, str) else t)
-                scores = score_task(ws, task, seed=seed) if "nds" in strategies else None
+                scores = score_task(ws, task, seed=seed, mode=scorer) if "nds" in strategies else None
                 for strategy, budget in plan:
                     bar.set_postfix_str(f"{task.name} {strategy} {budget} seed {seed}")
                     mdir = work / "manifests" / f"{task.name}-{strategy}-{budget}-seed{seed}"
@@ -142,9 +145,9 @@ def _evaluate(ws, tasks, budgets, *, strategies, seeds, shots, test_per_class, c
                     acc = finetune_and_test(model, task.train_images, task.train_labels, task.test_images,
                                             task.test_labels, config=config, seed=seed, **on)
                     rows.append({
-                        "task": task.name, "domain": task.domain, "strategy": strategy, "budget": int(budget),
+                        "task": task.name, "domain": task.domain_label, "strategy": strategy, "budget": int(budget),
                         "budget_fraction": budget / pool.size, "seed": int(seed), "accuracy": float(acc),
-                        "domain_precision": domain_precision(pool, positions, task.domain),
+                        "domain_precision": domain_precision(pool, positions, task.related_domains),
                         "n_pretrain": int(len(positions)), "pretrain_seconds": round(t1 - t0, 3),
                         "finetune_seconds": round(time.perf_counter() - t1, 3),
                     })

@@ -4,8 +4,8 @@ Each strategy is registered in ``nds._registry.EVAL_STRATEGIES`` (in the order r
 plots list them) as ``selector(ws, pool, budget, *, seed, scores, temperature, manifest_dir)
 -> positions into the pool``:
 
-- ``nds``: the real client path: rotation scores of the expert bundle on the client's TRAIN
-  images (``score_task``), then ``nds.select.service.run_selection`` at the budget;
+- ``nds``: the real client path: scores of the expert bundle on the client's TRAIN images
+  (``score_task``, any scorer of ``SCORERS``), then ``nds.select.service.run_selection`` at the budget;
 - ``uniform``: the same number of source samples drawn uniformly at random (seeded);
 - ``all``: the whole indexed source (one budget: its size);
 - ``none``: no pre-training (the fine-tuning recipe from a random initialisation).
@@ -60,17 +60,18 @@ def load_source_pool(ws: Workspace) -> SourcePool:
     return SourcePool(index, images, labels, datasets.astype(str), {s: i for i, s in enumerate(ids)})
 
 
-def score_task(ws: Workspace, task: TargetTask, *, seed: int = 0, progress: bool = False) -> dict:
-    """The client's scores.json content: rotation scores of the expert bundle on the TRAIN images."""
+def score_task(ws: Workspace, task: TargetTask, *, seed: int = 0, progress: bool = False,
+               mode: str = "rotation") -> dict:
+    """The client's scores.json content: ``mode`` scores of the expert bundle on the TRAIN images."""
     from nds.client.images import ClientData
     from nds.client.scoring import score_experts
     from nds.formats.scores import SCORES_FORMAT, load_scores
 
     data = ClientData(task.train_images, task.train_labels, sorted(set(task.train_labels)), [])
-    result = score_experts(ws.stage_dir("experts"), data, mode="rotation", seed=seed, progress=progress)
+    result = score_experts(ws.stage_dir("experts"), data, mode=mode, seed=seed, progress=progress)
     return load_scores({
         "format": SCORES_FORMAT, "index_version": result.bundle["index_version"],
-        "bundle_sha256": result.bundle["bundle_sha256"], "mode": "rotation", "k": result.bundle["k"],
+        "bundle_sha256": result.bundle["bundle_sha256"], "mode": mode, "k": result.bundle["k"],
         "scores": [float(s) for s in result.scores],
     })
 
@@ -124,8 +125,12 @@ def _select_none(ws, pool, budget, **_) -> np.ndarray:
     return np.empty(0, dtype=np.int64)
 
 
-def domain_precision(pool: SourcePool, positions: np.ndarray, domain: str | None) -> float | None:
-    """Share of the selected samples from the target's own domain (None if unknown/empty)."""
-    if domain is None or len(positions) == 0:
+def domain_precision(pool: SourcePool, positions: np.ndarray, domains) -> float | None:
+    """Share of the selected samples from the target's own or related domain(s) (None if none/empty).
+
+    domains: one source domain name, or a sequence of them (``TargetTask.related_domains``).
+    """
+    domains = (domains,) if isinstance(domains, str) else tuple(domains or ())
+    if not domains or len(positions) == 0:
         return None
-    return float(np.mean(pool.datasets[positions] == domain))
+    return float(np.mean(np.isin(pool.datasets[positions], domains)))

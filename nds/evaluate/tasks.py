@@ -1,7 +1,9 @@
 """Target tasks of a transfer evaluation: a client's few-shot labelled train set and a test set.
 
-Built-in tasks (``TASKS``) are held-out images of one source domain, never in the indexed
-source; a user's own target is two labelled ImageFolders (``load_target_task``).
+Built-in tasks (``TASKS``) are either held-out images of one source domain, never in the
+indexed source, or cross-domain tasks built from collections the server has never seen
+(``nds.corpus.tasks``: digits-m, lcd-digits, icons, nebulae), each naming the source domains a
+person would call related. A user's own target is two labelled ImageFolders (``load_target_task``).
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ from typing import NamedTuple
 import numpy as np
 
 from nds.config import Workspace
+from nds.corpus.tasks import OUTSIDE_TASKS, build_outside_task
 from nds.errors import InvalidInputError
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A built-in target task: held-out images of one source domain."""
+    """A built-in target task: held-out images of one source domain, or (``domain`` None) a
+    cross-domain task of ``nds.corpus.tasks.OUTSIDE_TASKS`` under the same name."""
 
-    domain: str
+    domain: str | None
     #: Only these labels (None: every label with enough held-out images).
     classes: tuple[str, ...] | None = None
     description: str = ""
@@ -35,6 +39,7 @@ TASKS: dict[str, TaskSpec] = {
                         description="26 upper-case letters in held-out fonts"),
     "animals": TaskSpec("animals", description="animal silhouettes held out"),
     "emoji": TaskSpec("emoji", description="Noto emoji categories held out (colour)"),
+    **{name: TaskSpec(None, description=t.description) for name, t in OUTSIDE_TASKS.items()},
 }
 
 
@@ -46,8 +51,20 @@ class TargetTask(NamedTuple):
     test_images: np.ndarray
     test_labels: np.ndarray
     name: str = "custom"
-    #: The source domain the task comes from (None for a user's own data).
+    #: The source domain the task comes from (None for a user's own data and cross-domain tasks).
     domain: str | None = None
+    #: Source domains a person would call related to a cross-domain task (empty: none is).
+    related: tuple[str, ...] = ()
+
+    @property
+    def related_domains(self) -> tuple[str, ...]:
+        """The source domains whose share of a selection is its precision: ``related``, else the own domain."""
+        return self.related or ((self.domain,) if self.domain else ())
+
+    @property
+    def domain_label(self) -> str | None:
+        """What the results table's ``domain`` column shows: the own domain, else the related ones joined by +."""
+        return self.domain or ("+".join(self.related) or None)
 
 
 def build_target_task(ws: Workspace, name: str, *, shots: int = 10, seed: int = 0,
@@ -65,6 +82,8 @@ def build_target_task(ws: Workspace, name: str, *, shots: int = 10, seed: int = 
     if shots < 1 or test_per_class < 1:
         raise InvalidInputError(f"shots and test_per_class must be >= 1, got {shots} and {test_per_class}")
     spec = TASKS[name]
+    if spec.domain is None:
+        return _outside_task(ws, name, shots=shots, seed=seed, test_per_class=test_per_class)
     cat = load_catalog(ws.data_dir, split="holdout")
     ds = np.asarray(cat.column("dataset").to_pylist(), dtype=object)
     labels = np.asarray(cat.column("label").to_pylist(), dtype=object)
@@ -92,6 +111,23 @@ def build_target_task(ws: Workspace, name: str, *, shots: int = 10, seed: int = 
         load_images(ws.data_dir, arrays[test], rows[test]), labels[test].astype(str),
         name, spec.domain,
     )
+
+
+def _outside_task(ws: Workspace, name: str, *, shots: int, seed: int, test_per_class: int) -> TargetTask:
+    """The first ``shots`` images of each class train, the next ``test_per_class`` test; classes
+    with no image left to test on are dropped."""
+    images, labels = build_outside_task(ws, name, per_class=shots + test_per_class, seed=seed)
+    train, test = [], []
+    for c in sorted(set(labels)):
+        members = np.flatnonzero(labels == c)
+        if len(members) > shots:
+            train.extend(members[:shots].tolist())
+            test.extend(members[shots:].tolist())
+    if len(set(labels[train])) < 2:
+        raise InvalidInputError(f"task {name!r}: fewer than 2 classes have more than {shots} images; lower shots")
+    train, test = np.asarray(train), np.asarray(test)
+    return TargetTask(images[train], labels[train], images[test], labels[test], name, None,
+                      OUTSIDE_TASKS[name].related)
 
 
 def load_target_task(train_dir: Path, test_dir: Path, *, name: str = "custom") -> TargetTask:

@@ -4,14 +4,19 @@ The expert bundle (a folder of ``expert_XXX.pt`` files and ``bundle.json``) is w
 download. ``bundle.json`` records the network the experts share (architecture, input size,
 feature size, preprocessing; from ``nds.models.experts.bundle_fields``), one entry per expert
 file with its sha256, and ``bundle_sha256``, which ties a client's scores to this bundle.
+It may also hold ``cluster_stats`` (``nds.index.cluster_stats``): per-cluster statistics in the
+public extractor's feature space, numeric arrays packed by ``pack_array``; the checksum covers them.
 No torch here: the server and the client read the document without loading a network.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from pathlib import Path
+
+import numpy as np
 
 from nds._io import file_sha256, write_text
 from nds.errors import InvalidInputError, NotFoundError
@@ -45,13 +50,40 @@ def write_bundle(
     return bundle
 
 
+#: Keys of bundle.json that the checksum covers beside the index version and the expert files:
+#: what a scorer reads, so a tampered statistic is refused like a tampered expert. A bundle
+#: without them keeps the checksum it had before they existed.
+CHECKED_EXTRAS = ("cluster_stats",)
+
+
 def bundle_checksum(bundle: dict) -> str:
-    """sha256 over the index version and the expert checksums: what a client's scores are tied to."""
-    payload = json.dumps(
-        {"index_version": bundle["index_version"], "experts": [e["sha256"] for e in bundle["experts"]]},
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
+    """sha256 over the index version, the expert checksums and the scorers' statistics:
+    what a client's scores are tied to."""
+    what = {"index_version": bundle["index_version"], "experts": [e["sha256"] for e in bundle["experts"]]}
+    what.update({key: bundle[key] for key in CHECKED_EXTRAS if key in bundle})
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def pack_array(array) -> dict:
+    """A numeric array as JSON: ``{"dtype", "shape", "base64"}`` of its little-endian bytes (exact, ~1.3x)."""
+    a = np.asarray(array)
+    if a.dtype.kind not in "fiu":
+        raise InvalidInputError(f"only numeric arrays go into bundle.json, got dtype {a.dtype}")
+    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    return {"dtype": a.dtype.str, "shape": list(a.shape), "base64": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def unpack_array(packed: dict, where: str = "bundle.json") -> np.ndarray:
+    """The array ``pack_array`` packed; InvalidInputError if the entry is malformed."""
+    try:
+        dtype = np.dtype(packed["dtype"])
+        shape = tuple(int(d) for d in packed["shape"])
+        raw = base64.b64decode(packed["base64"], validate=True)
+        if dtype.kind not in "fiu" or len(raw) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+            raise ValueError("size does not match shape")
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{where} holds a malformed packed array ({exc}); fetch the bundle again") from exc
 
 
 def load_bundle(bundle_dir: Path, *, verify: bool = True) -> dict:
@@ -100,3 +132,10 @@ def expert_files(bundle: dict, where: str) -> list[str]:
                 f"{where} lists expert file {name!r}, which is not a plain file name; refusing to fetch it"
             )
     return names
+
+
+def default_mode(bundle: dict) -> str:
+    """The scorer a client uses without ``--mode``: ``combined`` where the bundle ships cluster
+    statistics (it won on in-domain and cross-domain tasks: benchmarks/cross_domain.py), else
+    ``rotation`` (bundles made before the statistics existed)."""
+    return "combined" if bundle.get("cluster_stats") else "rotation"

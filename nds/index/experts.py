@@ -23,6 +23,7 @@ from nds._io import file_sha256, write_json
 from nds.config import Workspace
 from nds.errors import InvalidInputError
 from nds.formats.bundle import write_bundle
+from nds.index.cluster_stats import bundle_cluster_stats
 from nds.index._artifacts import load_assignments, load_index_images, load_index_order, read_json, require, stage_output
 from nds.models.device import device_name, is_cpu, pick_device
 from nds.models.experts import EXPERT_INPUT_SIZE, bundle_fields, save_expert, train_expert
@@ -136,6 +137,8 @@ def finish_experts(ws: Workspace, params: Params, entries: list[dict]) -> dict:
         extract_info = read_json(ws.stage_dir("extract") / "extract.json")
         extra = {"extractor": extract_info.get("extractor"),
                  "train_params": params.train_experts.model_dump(exclude=RUNTIME_FIELDS)}
+        # What the `features` / `combined` scorers compare a client's images with (public extractor space).
+        extra["cluster_stats"] = bundle_cluster_stats(ws)
         gpus = sorted({f"{e['device']} ({e.get('gpu')})" for e in entries if e.get("device", "cpu") != "cpu"})
         if gpus:
             extra["train_device"] = ", ".join(gpus)

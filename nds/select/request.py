@@ -84,6 +84,11 @@ class SelectRequest(BaseModel):
         ..., gt=0, allow_inf_nan=False, title="How many images",
         description="A whole number of 1 or more is a number of images (1 means one image, 500 means 500). "
         "A number between 0 and 1 is a share of the eligible images (0.1 means 10 %). 1.5 is refused.")
+    fill: float = Field(
+        0.0, ge=0, le=1, allow_inf_nan=False, title="Reserve for dead links (share of the budget)",
+        description="Also select this share of the budget more, as reserve rows after the budget's own (rank >= "
+        "budget, ranks start at 0): 0.2 with 1000 images gives 1200 rows, and the first 1000 are exactly the "
+        "selection without reserve. A client replaces images whose links fail from them, in rank order. 0: none.")
     datasets: list[str] | None = Field(
         None, title="Source datasets", json_schema_extra=_labels("Only these", "All datasets"),
         description="Draw only from these source datasets of the current index; default: all of them.")

@@ -32,13 +32,14 @@ from nds.formats import manifest
 from nds.formats.bundle import load_bundle
 from nds.formats.scores import load_scores
 from nds.index.layout import load_cluster_layout
-from nds.platform import warehouse
+from nds.platform import storage, warehouse
 from nds.select.probability import (
     budget_from_number, compute_expert_weights, compute_member_probabilities, compute_sample_probabilities,
     resolve_budget,
 )
+from nds.select import links
 from nds.select.request import DEFAULT_TEMPERATURE, SelectRequest  # noqa: F401  (re-exported)
-from nds.select.samplers import DEFAULT_SAMPLER, select_samples
+from nds.select.samplers import DEFAULT_SAMPLER, draw_with_reserve, reserve_count, select_samples
 from nds.select.samplers.clustered import select_samples_clustered
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,14 @@ def eligible_mask(index: Index, *, datasets: list[str] | None, exclude: list[str
     n = index.catalog.num_rows
     mask = np.ones(n, dtype=bool)
     if datasets is not None:
-        known = sorted(set(index.catalog.column("dataset").to_pylist()))
+        column = index.catalog.column("dataset")  # plain or dictionary-encoded strings: compute reads both
+        known = sorted(v for v in pc.unique(column).to_pylist() if v is not None)
         unknown = sorted(set(datasets) - set(known))
         if unknown or not datasets:
             error = NotFoundError if unknown else InvalidInputError
             raise error(f"unknown dataset filter {unknown or datasets}: choose from {known}")
-        mask &= np.isin(np.asarray(index.catalog.column("dataset").to_pylist(), dtype=object), list(datasets))
+        mask &= np.asarray(pc.is_in(column, value_set=pa.array(list(datasets), pa.string()))
+                           .to_numpy(zero_copy_only=False), dtype=bool)
     n_excluded = 0
     if exclude:
         drop = pa.array(sorted(set(exclude)), pa.string())
@@ -133,7 +136,7 @@ def selections_dir(ws: Workspace) -> Path:
 
 def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None = None,
                   selection_id: str | None = None, origin: str = "cli", requester: str | None = None,
-                  flow_run_id: str | None = None, index: Index | None = None) -> dict:
+                  flow_run_id: str | None = None, index: Index | None = None, defer_parquet: bool = False) -> dict:
     """Validate, draw, write the manifest, record the selection; returns the manifest summary.
 
     `out_dir` (a trusted local path, from the CLI) overrides `request.out_name`, which is
@@ -141,6 +144,8 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
     `origin` (one of warehouse.ORIGINS), `requester` and `flow_run_id` go into the audit row.
     `index`: the index already in memory (a long-running server keeps it loaded); default:
     read the current one from the workspace (load_current_index).
+    `defer_parquet`: leave manifest.parquet to its first reader (manifest.write_parquet_form; a
+    server that answers downloads), unless the manifest is published to $NDS_STORAGE_URL.
     """
     origin = warehouse.check_origin(origin)
     t0 = time.perf_counter()
@@ -175,34 +180,46 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
         weights = compute_expert_weights(scores["scores"], temperature=request.temperature)
         p = compute_sample_probabilities(index.assignments, weights, eligible=mask)
         n_positive = int((p > 0).sum())
-    if budget > n_positive:
-        raise InvalidInputError(f"budget {budget} exceeds the {n_positive} samples with non-zero probability: lower it")
+    reserve = reserve_count(budget, request.fill)
+    if budget + reserve > n_positive:
+        extra = f" plus a reserve of {reserve} (fill {request.fill:g})" if reserve else ""
+        fix = "lower it or the fill" if reserve else "lower it"
+        raise InvalidInputError(f"budget {budget}{extra} exceeds the {n_positive} samples with non-zero probability: {fix}")
+    if method == "clustered" and index.layout is None:
+        raise NotFoundError("this index has no cluster layout (built before it existed): rerun compute_weights "
+                            "(`nds stage compute_weights`) or use method es-keys")
     t_draw = time.perf_counter()
-    if method == "clustered":
-        if index.layout is None:
-            raise NotFoundError("this index has no cluster layout (built before it existed): rerun compute_weights "
-                                "(`nds stage compute_weights`) or use method es-keys")
-        picked = select_samples_clustered(
-            index.layout, weights, budget, seed=request.seed,
-            excluded=None if mask is None or mask.all() else np.flatnonzero(~mask), assignments=index.assignments,
-        )
-    else:
-        picked = select_samples(p, budget, seed=request.seed, method=method,
-                                assignments=index.assignments)
+    excluded = None if method != "clustered" or mask is None or mask.all() else np.flatnonzero(~mask)
+
+    def draw(n: int, seed: int, drawn: np.ndarray | None) -> np.ndarray:
+        if method == "clustered":
+            skip = excluded if drawn is None else drawn if excluded is None else np.concatenate([excluded, drawn])
+            return select_samples_clustered(index.layout, weights, n, seed=seed, excluded=skip,
+                                            assignments=index.assignments)
+        q = p
+        if drawn is not None:  # the samples left, renormalised: the law of the next draws
+            q = p.copy()
+            q[drawn] = 0.0
+            q /= q.sum()
+        return select_samples(q, n, seed=seed, method=method, assignments=index.assignments)
+
+    picked = draw_with_reserve(draw, budget, reserve, seed=request.seed, method=method)
     draw_s = time.perf_counter() - t_draw
-    # Only the B drawn rows are read (the same table as build_manifest over the whole catalog).
-    chosen_p = member[index.assignments[picked]] if mask is None else p[picked]
-    table = manifest.build_manifest(index.catalog.select(list(manifest.CATALOG_COLUMNS)).take(picked),
-                                    np.arange(picked.size), chosen_p, index.assignments[picked])
+    # Only the drawn rows are read from the catalog, once (a memory-mapped one stays on disk).
+    experts = np.asarray(index.assignments[picked])
+    chosen_p = member[experts] if mask is None else p[picked]
+    table = manifest.manifest_from_rows(index.catalog.select(list(manifest.CATALOG_COLUMNS)).take(picked),
+                                        chosen_p, experts)
     params = request.model_dump(exclude={"scores", "scores_path", "exclude"})
     params["n_exclude"] = len(request.exclude)
     presigned = None
     if request.presign_expiry_s:
         # Before anything is written: a local corpus is refused here, not after the manifest exists.
-        presigned = presign_corpus_urls(ws, table, request.presign_expiry_s)
+        presigned = links.presigned_sidecar(ws, table, request.presign_expiry_s)
     summary = manifest.write_manifest(
         table,
         target,
+        parquet=not defer_parquet or bool(storage.configured_storage_url()),  # a published manifest is complete
         summary_extra={
             "selection_id": selection_id,
             "index_version": index.version,
@@ -210,9 +227,10 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
             "mode": scores["mode"],
             "parameters": params,
             "budget": budget,
+            "reserve": reserve,
             "n_eligible": n_eligible,
             "n_excluded": n_excluded,
-            "expert_weights": [round(float(w), 6) for w in weights],
+            "expert_weights": np.round(weights, 6).tolist(),
             "sampler": method,
             "draw_seconds": round(draw_s, 4),
             **({"presigned_urls": presigned["info"]} if presigned else {}),
@@ -239,41 +257,6 @@ def run_selection(ws: Workspace, request: SelectRequest, *, out_dir: Path | None
     return summary
 
 
-def presign_corpus_urls(ws: Workspace, table: pa.Table, expires_s: int) -> dict:
-    """Presigned GET URLs (`<url>#<row>`) of the selected samples' corpus objects.
-
-    The corpus objects are the per-domain arrays: ``s3://`` objects named by the catalog
-    (`nds corpus publish`), or else the workspace's DVC remote, which must then be on S3 and
-    hold the corpus (`dvc push`). Returns {"table": sample_id/rank/url, "info": ...}.
-    """
-    from nds.platform import storage
-    from nds.corpus.read import split_uri
-
-    parsed = [split_uri(u) for u in table.column("uri").to_pylist()]
-    # A corpus published to S3 (`nds corpus publish`) names its objects; otherwise ask DVC
-    # where its remote keeps the workspace's arrays.
-    objects = {a: a if a.startswith("s3://") else storage.dvc_object_uri(ws.root, f"data/{a}")
-               for a in dict.fromkeys(a for a, _ in parsed)}
-    local = sorted(u for u in objects.values() if not u.startswith("s3://"))
-    if local:
-        raise InvalidInputError(
-            f"the corpus is stored locally (DVC remote object {local[0]}): presigned URLs need the corpus on an "
-            "S3 DVC remote (`dvc remote add -d NAME s3://bucket/prefix` + `dvc push`); without --presign the "
-            "client downloads from this server's copy"
-        )
-    client = storage.s3_client()
-    urls = {a: storage.presign_s3_uri(u, expires_s, client=client, must_exist=True) for a, u in objects.items()}
-    expires_at = datetime.now(timezone.utc).timestamp() + expires_s
-    out = pa.table({
-        "sample_id": table.column("sample_id"),
-        "rank": table.column("rank"),
-        "url": pa.array([f"{urls[a]}#{row}" for a, row in parsed], pa.string()),
-    })
-    info = {"file": manifest.URLS_NAME, "expires_s": int(expires_s), "objects": len(urls),
-            "expires_at": datetime.fromtimestamp(expires_at, timezone.utc).isoformat(timespec="seconds")}
-    return {"table": out, "info": info}
-
-
 def write_urls(folder: Path, table: pa.Table) -> Path:
     import pyarrow.csv as pacsv
 
@@ -288,7 +271,6 @@ def publish_manifest(folder: Path, selection_id: str) -> str | None:
 
     summary.json goes last: a reader that finds it finds every file it names.
     """
-    from nds.platform import storage
     if not storage.configured_storage_url():
         return None
     store = storage.open_storage()

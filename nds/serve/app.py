@@ -22,14 +22,13 @@ import logging
 import secrets
 import shutil
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import anyio
 import orjson
+import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -40,6 +39,7 @@ from nds._registry import SCORERS
 from nds.config import Workspace
 from nds.errors import InvalidInputError, NDSError, NotFoundError, StorageError
 from nds.formats import manifest
+from nds.formats.bundle import default_mode
 from nds.select.request import DEFAULT_TEMPERATURE, SelectRequest
 from nds.select.service import manifests_root, new_selection_id, run_selection, selections_dir
 from nds.serve.holder import IndexHolder, IndexInTransition, LoadedIndex
@@ -78,6 +78,9 @@ class SelectionBody(BaseModel):
     temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, allow_inf_nan=False,
                                description="Softmax temperature over the expert scores; lower = more concentrated.")
     seed: int = Field(0, ge=0, description="Same scores, budget, temperature and seed -> the same manifest.")
+    fill: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
+                        description="Reserve rows for dead links, as a share of the budget: ceil(budget x (1 + fill)) rows "
+                        "in rank order; the first `budget` are the selection without reserve.")
     datasets: list[str] | None = Field(None, description="Only select from these source datasets (GET /v1/index lists them).")
     exclude: list[str] = Field(default_factory=list, description="sample_ids or sha256 content hashes to leave out.")
     request_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[!-~]+$",
@@ -86,7 +89,8 @@ class SelectionBody(BaseModel):
     include_rows: bool = Field(True, description="Put the manifest rows in the answer (up to the server's limit).")
 
     def fingerprint(self) -> str:
-        doc = self.model_dump(exclude={"request_id", "include_rows"})
+        # fill 0 is left out: a request id promised before `fill` existed keeps its fingerprint
+        doc = self.model_dump(exclude={"request_id", "include_rows"} | ({"fill"} if not self.fill else set()))
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -97,9 +101,12 @@ def one_line(exc: ValidationError) -> str:
     return f"{where}: {first['msg'].removeprefix('Value error, ')}{more}"
 
 
+def _encode(payload) -> bytes:
+    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 def _json(payload, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
-                    media_type="application/json", headers=headers)
+    return Response(_encode(payload), status_code=status, media_type="application/json", headers=headers)
 
 
 class _InternalErrors:
@@ -160,7 +167,7 @@ class Service:
                                         "retry in a few seconds")
         try:
             request = SelectRequest(scores=body.scores, budget=body.budget, temperature=body.temperature,
-                                    seed=body.seed, datasets=body.datasets, exclude=body.exclude)
+                                    seed=body.seed, datasets=body.datasets, exclude=body.exclude, fill=body.fill)
         except ValidationError as exc:
             raise InvalidInputError(one_line(exc)) from None
         if body.request_id is None:
@@ -187,7 +194,7 @@ class Service:
 
     def _run(self, client: Client, request: SelectRequest, selection_id: str, loaded: LoadedIndex) -> dict:
         summary = run_selection(self.ws, request, selection_id=selection_id, origin="service",
-                                requester=client.name, index=loaded.index)
+                                requester=client.name, index=loaded.index, defer_parquet=True)
         self.book.record(client.id, client.name, summary)
         log.info("selection %s for %s: %d rows of index %s in %.3fs", selection_id, client.name, summary["rows"],
                  summary["index_version"], summary.get("seconds", 0.0))
@@ -218,7 +225,7 @@ class Service:
         path = self.folder(selection_id) / manifest.SUMMARY_NAME
         if not path.is_file():
             raise NotFoundError(f"selection {selection_id} has no manifest on this server")
-        return json.loads(path.read_text())
+        return orjson.loads(path.read_bytes())
 
     def answer(self, summary: dict, *, rows: bool) -> dict:
         sid = summary["selection_id"]
@@ -228,7 +235,7 @@ class Service:
                  "json": f"{base}/manifest.json", "summary": f"{base}/summary.json",
                  **({"urls": f"{base}/urls.csv"} if has_urls else {})}
         out = {"selection_id": sid, "index_version": summary.get("index_version"), "rows": summary.get("rows"),
-               "budget": summary.get("budget"), "n_eligible": summary.get("n_eligible"),
+               "budget": summary.get("budget"), "reserve": summary.get("reserve", 0), "n_eligible": summary.get("n_eligible"),
                "counts_per_dataset": summary.get("counts_per_dataset"), "manifest_sha256": summary.get("manifest_sha256"),
                "summary": summary, "links": links}
         if rows:
@@ -242,18 +249,17 @@ class Service:
 
     def rows(self, selection_id: str) -> list[dict]:
         folder = self.folder(selection_id)
-        if not (folder / manifest.PARQUET_NAME).is_file():
-            raise NotFoundError(f"selection {selection_id} has no manifest on this server")
-        table = pq.read_table(folder / manifest.PARQUET_NAME)
+        try:
+            table = manifest.read_table(folder)
+        except NotFoundError:
+            raise NotFoundError(f"selection {selection_id} has no manifest on this server") from None
         urls = folder / manifest.URLS_NAME
         if urls.is_file():
             extra = pacsv.read_csv(urls, convert_options=pacsv.ConvertOptions(column_types={"sample_id": "string", "url": "string"}))
             by_id = dict(zip(extra.column("sample_id").to_pylist(), extra.column("url").to_pylist()))
-            out = table.to_pylist()
-            for row in out:
-                row["url"] = by_id.get(row["sample_id"])
-            return out
-        return table.to_pylist()
+            table = table.append_column("url", pa.array([by_id.get(i) for i in table.column("sample_id").to_pylist()],
+                                                        pa.string()))
+        return manifest.json_rows(table)
 
 
 def _status_of(exc: NDSError) -> tuple[int, dict]:
@@ -310,7 +316,8 @@ def create_app(ws: Workspace, config: ServeConfig | None = None, *,
         status, headers = _status_of(exc)
         return JSONResponse({"detail": str(exc).splitlines()[0]}, status_code=status, headers=headers)
 
-    def client_of(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Client:
+    async def client_of(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Client:
+        # async: a stat and a hash, cheaper on the event loop than a hop to the thread pool
         client = svc.tokens.authenticate(credentials.credentials if credentials else None)
         if client is None:
             raise HTTPException(401, "missing, unknown or revoked token: send `Authorization: Bearer <token>` "
@@ -326,7 +333,7 @@ def create_app(ws: Workspace, config: ServeConfig | None = None, *,
     def index_info():
         loaded = svc.holder.current()
         return {"index_version": loaded.version, "k": loaded.index.k, "n_samples": loaded.index.catalog.num_rows,
-                "datasets": loaded.datasets, "scorer_modes": SCORERS.names(), "default_mode": "rotation",
+                "datasets": loaded.datasets, "scorer_modes": SCORERS.names(), "default_mode": default_mode(loaded.bundle),
                 "default_temperature": DEFAULT_TEMPERATURE, "bundle_sha256": loaded.index.bundle_sha256,
                 "bundle_url": "/v1/bundle", "fetch": "nds client fetch-experts <server>/v1/bundle --out DIR"}
 
@@ -349,10 +356,13 @@ def create_app(ws: Workspace, config: ServeConfig | None = None, *,
         if wait > 0:
             raise HTTPException(429, f"rate limit of {config.rate_limit:g} selections/s for this token: retry in "
                                      f"{wait:.1f}s", headers={"Retry-After": str(max(1, round(wait + 0.5)))})
-        summary, replayed = await anyio.to_thread.run_sync(partial(svc.select, client, body), limiter=svc.threads)
-        payload = await anyio.to_thread.run_sync(partial(svc.answer, summary, rows=body.include_rows),
-                                                 limiter=svc.threads)
-        return _json(payload, headers={"Idempotent-Replayed": "true"} if replayed else None)
+        def work() -> tuple[bytes, bool]:  # one hop to a worker thread: draw, write, record, encode
+            summary, replayed = svc.select(client, body)
+            return _encode(svc.answer(summary, rows=body.include_rows)), replayed
+
+        content, replayed = await anyio.to_thread.run_sync(work, limiter=svc.threads)
+        return Response(content, media_type="application/json",
+                        headers={"Idempotent-Replayed": "true"} if replayed else None)
 
     @app.get("/v1/selections", summary="The caller's selections, oldest first")
     def list_selections(client: Client = Depends(client_of)):
@@ -381,6 +391,11 @@ def create_app(ws: Workspace, config: ServeConfig | None = None, *,
             except NotFoundError as exc:
                 raise HTTPException(404, str(exc)) from None
         path = svc.folder(selection_id) / FILES.get(name, "-")
+        if name == "manifest.parquet" and not path.is_file():
+            try:  # deferred when the selection was made (manifest.write_parquet_form): made once, here
+                manifest.write_parquet_form(path.parent)
+            except NotFoundError:
+                pass
         if name not in FILES or not path.is_file():
             raise HTTPException(404, f"selection {selection_id} has no file {name!r}: "
                                      f"choose one of manifest.parquet, manifest.csv, manifest.json, summary.json")

@@ -41,6 +41,12 @@ from nds.serve.state import file_lock
 log = logging.getLogger(__name__)
 
 CACHE_DIR = "index-cache"
+#: In the key of every snapshot: bumped when a snapshot's files change shape, so a new release
+#: takes a fresh snapshot (2: DICTIONARY_COLUMNS dictionary-encoded).
+SNAPSHOT_FORMAT = 2
+#: Catalog columns with few distinct values, stored dictionary-encoded: a request's `take` of B
+#: rows reads B small integers there instead of B offsets and strings (~30 % of the take at N = 1e7).
+DICTIONARY_COLUMNS = ("dataset", "label")
 #: Snapshots kept besides the one in service (a request may still hold the previous one).
 KEEP_SNAPSHOTS = 2
 
@@ -141,7 +147,7 @@ class IndexHolder:
     def _load(self, raw: bytes) -> LoadedIndex:
         summary = json.loads(raw)
         version = summary["index_version"]
-        key = f"{version}-{hashlib.sha256(raw).hexdigest()[:12]}"
+        key = f"{version}-{hashlib.sha256(raw + f'snapshot format {SNAPSHOT_FORMAT}'.encode()).hexdigest()[:12]}"
         folder = self.cache_root / key
         with file_lock(self.cache_root / f".{key}.lock"):
             if not (folder / "ready.json").is_file():
@@ -164,6 +170,10 @@ class IndexHolder:
                                 "rerun `nds stage compute_weights`")
         with atomic_dir(folder) as tmp:
             catalog = index.catalog.combine_chunks()  # one chunk: `take` of B rows reads B rows
+            for name in DICTIONARY_COLUMNS:
+                column = catalog.column(name).combine_chunks()
+                if not pa.types.is_dictionary(column.type):
+                    catalog = catalog.set_column(catalog.schema.get_field_index(name), name, column.dictionary_encode())
             with ipc.new_file(tmp / "catalog.arrow", catalog.schema) as writer:
                 writer.write_table(catalog, max_chunksize=max(1, catalog.num_rows))
             del catalog

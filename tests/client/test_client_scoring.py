@@ -1,8 +1,10 @@
-"""nds.client.scoring: the fast-adaptation scorers, on a synthetic bundle and on the tiny index."""
+"""nds.client.scoring: the fast-adaptation scorers, on a synthetic bundle and on the tiny index; the bundle's
+cluster statistics (nds.index.cluster_stats) that the features scorer reads."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -17,9 +19,10 @@ from nds.client import images as client
 from nds.client import scoring
 from nds.client.fetch import fetch_experts
 from nds.client.images import ClientData
-from nds.errors import NDSError
-from nds.formats.bundle import load_bundle, write_bundle
+from nds.errors import InvalidInputError, NDSError
+from nds.formats.bundle import BUNDLE_FILE, load_bundle, pack_array, unpack_array, write_bundle
 from nds.formats.scores import write_scores
+from nds.index.cluster_stats import ClusterStats, bundle_cluster_stats, compute_cluster_stats
 from nds.models import experts
 
 # --------------------------------------------------------------------------- synthetic data
@@ -59,8 +62,25 @@ def bundle_dir(tmp_path_factory) -> Path:
         f = f"expert_{e:03d}.pt"
         sha = experts.save_expert(model, folder / f, meta={"arch": "rotnet_small", "expert": e})
         entries.append({"expert": e, "file": f, "sha256": sha, **metrics})
-    write_bundle(folder, index_version="v-synth", network=experts.bundle_fields("rotnet_small"), experts=entries)
+    write_bundle(folder, index_version="v-synth", network=experts.bundle_fields("rotnet_small"), experts=entries,
+                 extra={"cluster_stats": _cluster_stats(("L", "T", "noise"))})
     return folder
+
+
+#: The test statistics embed at 32 px (the index uses 64): half the extractor's cost, same code.
+STATS_IMAGE_SIZE = 32
+
+
+def _cluster_stats(kinds, n: int = 24) -> dict:
+    """bundle.json's cluster_stats for one cluster per family of synthetic images, in the real extractor's space."""
+    from nds.models.extractors import load_extractor
+    from nds.params import ExtractParams
+
+    extractor = load_extractor(ExtractParams(image_size=STATS_IMAGE_SIZE))
+    feats = np.concatenate([extractor(_shapes(kind, n, 10 + e)) for e, kind in enumerate(kinds)])
+    stats = compute_cluster_stats(feats, np.repeat(np.arange(len(kinds)), n), k=len(kinds),
+                                  extractor="efficientnet_lite0", image_size=STATS_IMAGE_SIZE, dim=8)
+    return stats.to_json()
 
 
 # --------------------------------------------------------------------------- score_experts
@@ -246,3 +266,85 @@ def test_tiny_index_client_prefers_its_own_domain(tiny_index, tmp_path):
     # The weak, non-flaky property: for at least one mode, the client's own domain scores
     # at least as well on average as the other domains (LogME is printed, not asserted).
     assert any(results[m].scores[own].mean() >= results[m].scores[~own].mean() for m in ("linear", "rotation"))
+
+
+# --------------------------------------------------------------------------- features, combined, cluster stats
+
+
+def test_features_ranks_the_cluster_whose_features_match_first(bundle_dir):
+    for expected, kind in enumerate(("L", "T", "noise")):
+        data = ClientData(_shapes(kind, 12, 99 + expected), None, [], [""] * 12)  # unlabelled, unseen images
+        result = scoring.score_experts(bundle_dir, data, mode="features", progress=False)
+        assert int(np.argmax(result.scores)) == expected, (kind, result.scores)
+        assert result.scores.sum() == pytest.approx(1.0) and (result.scores >= 0).all()
+
+
+def test_scores_json_carries_only_k_floats(bundle_dir, tmp_path):
+    result = scoring.score_experts(bundle_dir, _client(), mode="features", progress=False)
+    doc = write_scores(tmp_path / "scores.json", bundle=result.bundle, mode="features", scores=result.scores.tolist(),
+                       seconds_per_expert=result.seconds_per_expert.tolist())
+    on_disk = json.loads((tmp_path / "scores.json").read_text())
+    assert on_disk == doc and len(doc["scores"]) == doc["k"] == 3
+    lists = {key for key, value in on_disk.items() if isinstance(value, (list, dict))}
+    assert lists <= {"scores", "seconds_per_expert"}, lists  # nothing per image, no features
+
+
+def test_bundle_stats_round_trip_and_are_checksummed(bundle_dir, tmp_path):
+    bundle = load_bundle(bundle_dir)
+    stats = ClusterStats.from_bundle(bundle)
+    assert stats.k == 3 and stats.projection.shape == (1280, 8) and stats.image_size == 32
+    assert stats.to_json() == bundle["cluster_stats"]  # float32 in, the same float32 out
+    shutil.copytree(bundle_dir, tmp_path / "b")
+    doc = json.loads((tmp_path / "b" / BUNDLE_FILE).read_text())
+    doc["cluster_stats"]["cluster_size"][0] += 1  # a server-side statistic changed after signing
+    (tmp_path / "b" / BUNDLE_FILE).write_text(json.dumps(doc))
+    with pytest.raises(InvalidInputError, match="checksum mismatch"):
+        load_bundle(tmp_path / "b")
+
+
+def test_a_bundle_without_stats_names_the_other_modes(tmp_path):
+    from clientfixtures import make_bundle
+
+    make_bundle(tmp_path, k=2)
+    with pytest.raises(NDSError, match="no cluster_stats.*--mode rotation"):
+        scoring.score_experts(tmp_path, _client(), mode="features", progress=False)
+
+
+def test_packed_arrays_are_exact_and_malformed_ones_refused():
+    a = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
+    np.testing.assert_array_equal(unpack_array(pack_array(a)), a)
+    bad = {**pack_array(a), "shape": [4, 5]}
+    with pytest.raises(InvalidInputError, match="malformed packed array"):
+        unpack_array(bad)
+
+
+def test_compute_cluster_stats_exact_case():
+    # Two tight groups on two axes: the means sit apart along the first principal axis.
+    f = np.zeros((6, 4), np.float32)
+    f[:3, 0], f[3:, 1] = 1.0, 1.0
+    stats = compute_cluster_stats(f, np.array([0, 0, 0, 1, 1, 1]), k=2, extractor="x", image_size=32, dim=1)
+    assert stats.cluster_size.tolist() == [3, 3]
+    assert abs(stats.cluster_mean[0, 0] - stats.cluster_mean[1, 0]) == pytest.approx(np.sqrt(2))
+    assert (stats.cluster_var > 0).all()  # the floor keeps zero-spread clusters finite
+    with pytest.raises(InvalidInputError, match="empty"):
+        compute_cluster_stats(f, np.zeros(6, int), k=2, extractor="x", image_size=32, dim=1)
+
+
+def test_tiny_index_stats_match_the_clusters(tiny_index):
+    ws, _ = tiny_index
+    doc = bundle_cluster_stats(ws, dim=16)
+    clusters = json.loads((ws.stage_dir("cluster") / "clusters.json").read_text())
+    stats = ClusterStats.from_bundle({"k": clusters["k"], "cluster_stats": doc})
+    assert stats.cluster_size.tolist() == clusters["sizes"]
+    assert stats.extractor == "efficientnet_lite0" and stats.image_size == 64
+    size_mb = len(json.dumps(doc)) / 1e6
+    assert size_mb < 0.2, size_mb  # 1280 x 16 projection + 2 x K x 16 floats
+
+
+def test_combined_is_the_mean_rank_of_rotation_and_features(bundle_dir):
+    data = _client()
+    parts = [scoring.score_experts(bundle_dir, data, mode=m, progress=False).scores for m in ("rotation", "features")]
+    combined = scoring.score_experts(bundle_dir, data, mode="combined", progress=False)
+    np.testing.assert_allclose(combined.scores, scoring.combine_ranks(*parts))
+    np.testing.assert_allclose(scoring.combine_ranks(np.array([0.1, 0.5, 0.3]), np.array([3.0, 1.0, 2.0])), [0.5] * 3)
+    np.testing.assert_allclose(scoring.combine_ranks(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0])), [0, 0.5, 1])

@@ -33,3 +33,10 @@ def test_bad_budgets_fail_when_the_form_is_submitted(budgets, message):
 def test_unknown_strategy_is_a_validation_error():
     with pytest.raises(ValidationError, match="strategies must be some of: nds, uniform, all, none"):
         EvaluateRequest(strategies=["best"])
+
+
+def test_the_scorer_is_one_of_the_registered_ones_and_cross_domain_tasks_are_known():
+    assert EvaluateRequest().scorer == "rotation"
+    assert EvaluateRequest(scorer="features", tasks=["digits-m", "nebulae"]).scorer == "features"
+    with pytest.raises(ValidationError, match="unknown scorer 'magic'; choose from: linear, rotation, logme, features"):
+        EvaluateRequest(scorer="magic")

@@ -55,7 +55,7 @@ def test_selection_is_dominated_by_the_clients_domain(tiny_index, client_scores,
     assert share > 2.5 * corpus_share
 
     m = pq.read_table(tmp_path / "manifests" / "first" / "manifest.parquet")
-    assert m.column_names == ["sample_id", "dataset", "uri", "label", "probability", "expert", "rank"]
+    assert m.column_names == ["sample_id", "dataset", "uri", "label", "probability", "expert", "rank", "sha256"]
     assert len(set(m.column("sample_id").to_pylist())) == m.num_rows
     assert m.column("rank").to_pylist() == list(range(m.num_rows))
 

@@ -70,3 +70,10 @@ def test_formats_import_no_torch():
             " 'k': 1, 'scores': [0.5]})\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_default_scorer_is_combined_only_where_the_bundle_ships_cluster_stats():
+    from nds.formats.bundle import default_mode
+
+    assert default_mode({"experts": []}) == "rotation"  # a bundle made before the statistics
+    assert default_mode({"experts": [], "cluster_stats": {"k": 2}}) == "combined"

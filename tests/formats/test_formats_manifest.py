@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from nds.errors import NDSError
@@ -25,7 +26,7 @@ def _catalog(n: int = 10) -> pa.Table:
         "uri": [f"images/{i}.png" for i in range(n)],
         "label": [i % 4 for i in range(n)],
         "split": ["train"] * n,
-        "sha256": ["0" * 64] * n,
+        "sha256": [f"{i:064x}" for i in range(n)],
     })
 
 
@@ -45,7 +46,9 @@ def test_build_manifest_tiny_exact():
     assert m.to_pydict() == {
         "sample_id": ["s003", "s000"], "dataset": ["svhn", "svhn"], "uri": ["images/3.png", "images/0.png"],
         "label": [3, 0], "probability": [0.4, 0.1], "expert": [2, 0], "rank": [0, 1],
+        "sha256": [f"{3:064x}", f"{0:064x}"],
     }
+    assert m.column_names[-1] == "sha256"  # last: readers that index columns by position keep working
 
 
 @pytest.mark.parametrize(
@@ -58,9 +61,29 @@ def test_build_manifest_rejects_bad_input(indices, n_p, fragment):
         build_manifest(_catalog(), indices, np.full(n_p, 1 / n_p), np.zeros(n_p, dtype=int))
 
 
-def test_build_manifest_rejects_catalog_without_columns():
-    with pytest.raises(NDSError, match="uri"):
-        build_manifest(_catalog().drop(["uri"]), np.array([0]), np.full(10, 0.1), np.zeros(10, dtype=int))
+@pytest.mark.parametrize("column", ["uri", "sha256"])
+def test_build_manifest_rejects_catalog_without_columns(column):
+    with pytest.raises(NDSError, match=column):
+        build_manifest(_catalog().drop([column]), np.array([0]), np.full(10, 0.1), np.zeros(10, dtype=int))
+
+
+def test_sha256_survives_every_form(tmp_path):
+    m = build_manifest(*_selection())
+    write_manifest(m, tmp_path / "sel", summary_extra=EXTRA)
+    header = (tmp_path / "sel" / "manifest.csv").read_text().splitlines()[0]
+    assert header.endswith('"rank","sha256"')
+    for form in ("", "manifest.parquet", "manifest.csv"):
+        assert load_manifest(tmp_path / "sel" / form).column("sha256").to_pylist() == m.column("sha256").to_pylist()
+
+
+def test_manifest_without_sha256_still_loads(tmp_path):
+    """A manifest written before the column existed loads; its hashes are null (downloads go unverified)."""
+    old = build_manifest(*_selection()).drop(["sha256"])
+    (tmp_path / "old").mkdir()
+    pq.write_table(old, tmp_path / "old" / "manifest.parquet")
+    table = load_manifest(tmp_path / "old")
+    assert table.column_names == list(MANIFEST_COLUMNS)
+    assert table.column("sha256").null_count == table.num_rows == 4
 
 
 def test_round_trip_and_summary(tmp_path):
@@ -169,3 +192,19 @@ def test_load_manifest_rejects_missing_and_foreign_files(tmp_path):
     other.write_text("hi")
     with pytest.raises(NDSError, match="not a manifest"):
         load_manifest(other)
+
+
+def test_deferred_parquet_is_made_on_demand_with_the_same_bytes(tmp_path):
+    m = build_manifest(*_selection())
+    eager = write_manifest(m, tmp_path / "eager", summary_extra=EXTRA)
+    lazy = write_manifest(m, tmp_path / "lazy", summary_extra=EXTRA, parquet=False)
+    folder = tmp_path / "lazy"
+    assert sorted(p.name for p in folder.iterdir()) == [manifest_mod.DEFERRED_NAME, "manifest.csv", "summary.json"]
+    assert "parquet_sha256" not in lazy and lazy["manifest_sha256"] == eager["manifest_sha256"]
+    assert load_manifest(folder).equals(m)  # the CSV form, checked, until the Parquet exists
+    assert manifest_mod.read_table(folder).equals(m)
+    path = manifest_mod.write_parquet_form(folder)
+    assert path.read_bytes() == (tmp_path / "eager" / "manifest.parquet").read_bytes()
+    assert json.loads((folder / "summary.json").read_text())["parquet_sha256"] == eager["parquet_sha256"]
+    assert manifest_mod.write_parquet_form(folder) == path  # idempotent
+    assert load_manifest(folder).equals(m)

@@ -241,7 +241,10 @@ def _tampered_manifest_download(c: Ctx) -> None:
     for p in (c.manifests / "kept").iterdir():
         (m / p.name).write_bytes(p.read_bytes())
     csv = m / "manifest.csv"
-    csv.write_text(csv.read_text().replace(",0\n", ",1\n", 1))
+    header, first, rest = csv.read_text().split("\n", 2)
+    cells = first.split(",")
+    cells[-2] = str(int(cells[-2]) + 1)  # the first row's rank, one up
+    csv.write_text("\n".join([header, ",".join(cells), rest]))
     c.cli("client", "download", "--manifest", str(m), "--out", str(c.tmp / "out"))
 
 

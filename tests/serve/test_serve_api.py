@@ -63,7 +63,12 @@ def test_selection_round_trip_matches_nds_select(served, tmp_path):
     sid = doc["selection_id"]
     assert doc["rows"] == 40 == len(doc["manifest"]) and sum(doc["counts_per_dataset"].values()) == 40
     assert [row["rank"] for row in doc["manifest"]] == list(range(40))
-    # the files behind the links are the manifest the answer describes
+    # each row carries the catalog's content hash of its image, for the client to verify the download
+    catalog = pq.read_table(ws.stage_dir("extract") / "index.parquet", columns=["sample_id", "sha256"]).to_pydict()
+    hashes = dict(zip(catalog["sample_id"], catalog["sha256"]))
+    assert [row["sha256"] for row in doc["manifest"]] == [hashes[row["sample_id"]] for row in doc["manifest"]]
+    # manifest.parquet is made when first asked for, and summary.json then records its checksum
+    assert not (manifests_root(ws) / sid / "manifest.parquet").exists()
     files = {}
     for key in ("parquet", "csv", "summary", "json"):
         got = httpx.get(f"{server.url}{doc['links'][key]}", headers=bearer(toks["alice"]))
@@ -78,11 +83,24 @@ def test_selection_round_trip_matches_nds_select(served, tmp_path):
     # the same request through the one selection path, as `nds select` runs it: the same manifest
     local = run_selection(ws, SelectRequest(scores=scores, budget=40, seed=7, temperature=0.05), out_dir=tmp_path / "cli")
     assert local["manifest_sha256"] == doc["manifest_sha256"]
+    assert (tmp_path / "cli" / "manifest.parquet").read_bytes() == files["parquet"]
+    assert json.loads(files["summary"])["parquet_sha256"] == hashlib.sha256(files["parquet"]).hexdigest()
     # one audit row from the service, naming the requester
     row = next(r for r in audit_rows(ws) if r["selection_id"] == sid)
     assert (row["origin"], row["requester"], row["n_selected"]) == ("service", "alice", 40)
     got = httpx.get(f"{server.url}/v1/selections/{sid}", headers=bearer(toks["alice"])).json()
     assert got["summary"]["manifest_sha256"] == doc["manifest_sha256"] and "manifest" not in got
+
+
+def test_fill_adds_reserve_rows_after_the_budget(served):
+    _, info, server, toks = served
+    body = {"scores": synthetic_scores(info, favour=2), "budget": 30, "seed": 4}
+    plain = post(server, toks["alice"], body).json()
+    filled = post(server, toks["alice"], {**body, "fill": 0.25}).json()
+    assert (filled["budget"], filled["reserve"], filled["rows"]) == (30, 8, 38)
+    assert filled["manifest"][:30] == plain["manifest"] and plain["reserve"] == 0
+    r = post(server, toks["alice"], {**body, "fill": 1.5})
+    assert r.status_code == 422 and "fill: Input should be less than or equal to 1" in r.json()["detail"]
 
 
 def test_filters_and_the_fast_path_agree(served):

@@ -17,4 +17,4 @@ def test_service_load_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [row["path"] for row in rows] == ["nds serve, closed loop", "nds serve, 5/s offered"]
     assert all(row["errors"] == 0 and row["selections"] > 0 and row["p50_ms"] > 0 for row in rows)
-    assert "| small | 22,402 | 24 | 1,000 | nds serve, closed loop | 4 |" in r.stdout
+    assert "| small | 22,402 | 24 | 1,000 | nds serve, closed loop | 4 | 2 |" in r.stdout

@@ -23,6 +23,9 @@ def test_snapshot_is_memory_mapped_and_reused(tmp_path):
     loaded = holder.current()
     assert loaded.version == info["index_version"] and loaded.index.k == 5
     assert loaded.index.catalog.column("sample_id").num_chunks == 1  # `take` reads only the drawn rows
+    # few distinct values: stored as small integers; manifests decode them (same bytes, see below)
+    assert [str(loaded.index.catalog.schema.field(c).type) for c in ("dataset", "label", "uri")] == [
+        "dictionary<values=string, indices=int32, ordered=0>"] * 2 + ["string"]
     assert isinstance(loaded.index.assignments, np.memmap) and isinstance(loaded.index.layout[0], np.memmap)
     ready = next((tmp_path / "state" / "index-cache").glob("*/ready.json"))
     stamp = ready.stat().st_mtime_ns
@@ -76,7 +79,8 @@ def test_fast_path_equals_the_full_probability_path(tmp_path, budget):
     full = run_selection(ws, SelectRequest(scores=scores, budget=budget, seed=3, temperature=0.1,
                                            datasets=info["datasets"]), out_dir=tmp_path / "full")
     assert fast["manifest_sha256"] == full["manifest_sha256"] and fast["rows"] == full["rows"]
-    assert (tmp_path / "fast" / "manifest.csv").read_bytes() == (tmp_path / "full" / "manifest.csv").read_bytes()
+    for name in ("manifest.csv", "manifest.parquet"):
+        assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
     with pytest.raises(Exception, match="exceeds"):
         run_selection(ws, SelectRequest(scores=scores, budget=6001), out_dir=tmp_path / "x", index=loaded.index)
     assert not (tmp_path / "x").exists()

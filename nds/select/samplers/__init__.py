@@ -9,11 +9,14 @@ drawn yet (successive sampling). Every sampler registers itself in nds._registry
 
 select_samples runs the samplers that draw from p; "clustered" reads the layout instead
 (clustered.select_samples_clustered). Which one a selection uses ("auto") is decided in nds.select.service.
+draw_with_reserve adds reserve rows (`fill`) after a budget without changing the budget's rows.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 from numbers import Integral
 
 import numpy as np
@@ -30,6 +33,42 @@ DEFAULT_SAMPLER = "es-keys"
 
 #: Samplers that draw from the index's cluster layout (select_samples_clustered), not from p.
 LAYOUT_SAMPLERS = ("clustered",)
+#: Samplers whose draw of B' > B samples begins with their draw of B (same inputs and seed).
+#: es-keys: the B smallest arrival times are the first B of the B' smallest. Not two-stage or
+#: clustered: their time windows are sized to the budget, so B' consumes the random stream
+#: differently (unless one window holds every eligible sample).
+PREFIX_SAMPLERS = ("es-keys",)
+#: Mixed into the seed of a reserve drawn after the budget (draw_with_reserve).
+RESERVE_STREAM = 0x7265736572766500  # "reserve"
+
+
+def reserve_count(budget: int, fill: float) -> int:
+    """Reserve rows for a fill share: ceil(budget * (1 + fill)) - budget (0 <= fill <= 1)."""
+    if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not (0.0 <= float(fill) <= 1.0):
+        raise InvalidInputError(f"fill must be a share between 0 and 1 (e.g. 0.2 for 20 % reserve rows), got {fill!r}")
+    # round first: 1000 * 0.07 is 70.00000000000001 in binary, and ceil would make it 71
+    return math.ceil(round(budget * float(fill), 9))
+
+
+def reserve_seed(seed: int) -> int:
+    """The seed of the reserve draw after a budget drawn with `seed` (independent of it)."""
+    return int(np.random.SeedSequence([RESERVE_STREAM, int(seed)]).generate_state(1, dtype=np.uint64)[0])
+
+
+def draw_with_reserve(draw: Callable[[int, int, np.ndarray | None], np.ndarray], budget: int, reserve: int,
+                      *, seed: int, method: str) -> np.ndarray:
+    """`budget + reserve` samples in rank order whose first `budget` are exactly draw(budget, seed, None).
+
+    draw(n, seed, drawn): n distinct samples by `method`, never one of `drawn` (int array or None).
+    A PREFIX_SAMPLERS method draws budget + reserve at once. The others draw the budget, then the
+    reserve from the samples left with reserve_seed(seed): successive sampling's law of draws
+    budget+1 .. budget+reserve given the first budget, so either way the rows are one draw of
+    budget + reserve from the same law, and the budget's rows do not depend on the reserve.
+    """
+    if reserve <= 0 or method in PREFIX_SAMPLERS:
+        return draw(budget + max(0, reserve), seed, None)
+    first = draw(budget, seed, None)
+    return np.concatenate([first, draw(reserve, reserve_seed(seed), first)])
 
 
 def probability_samplers() -> list[str]:
