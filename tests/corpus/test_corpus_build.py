@@ -95,9 +95,10 @@ def test_missing_source_names_install_command(tiny, tmp_path, monkeypatch):
 
 
 def test_profiles_are_registered_in_order_with_a_cap_per_dataset():
-    assert PROFILES.names() == ["tiny", "small", "full"]
-    for name in PROFILES:
+    assert PROFILES.names() == ["tiny", "small", "full", "none"]
+    for name in ("tiny", "small", "full"):
         assert tuple(PROFILES[name]) == DATASETS
+    assert PROFILES["none"] == {}  # registered sources only
 
 
 def test_unknown_profile_and_dataset_are_invalid_input(sources_env):

@@ -188,7 +188,8 @@ def test_cli_client_walkthrough(tiny_index, tmp_path, capsys):
                             str(tmp_path / "task"), "--out", str(tmp_path / "scores.json"), "--emit-hashes"]) == 0
     doc = json.loads((tmp_path / "scores.json").read_text())
     n_task = len(list((tmp_path / "task").rglob("*.png")))
-    assert doc["mode"] == "rotation" and len(doc["scores"]) == 7 and len(doc["exclude_sha256"]) == n_task
+    # no --mode: the default, combined, since the bundle ships cluster statistics
+    assert doc["mode"] == "combined" and len(doc["scores"]) == 7 and len(doc["exclude_sha256"]) == n_task
     assert "task" not in json.dumps(doc)  # nothing about the client's files leaves the client
     assert nds_main(root + ["select", "--scores", str(tmp_path / "scores.json"), "--budget", "0.05",
                             "--out", str(tmp_path / "sel")]) == 0
