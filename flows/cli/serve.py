@@ -101,7 +101,7 @@ def _cmd_client_request(args) -> int:
     summary = request_selection(
         args.server, args.token or os.environ.get(TOKEN_ENV, ""), Path(args.scores), Path(args.out),
         budget=args.budget, temperature=args.temperature, seed=args.seed, datasets=args.dataset, exclude=exclude,
-        request_id=args.request_id, retries=args.retries, timeout_s=args.timeout, cacert=args.cacert,
+        fill=args.fill, request_id=args.request_id, retries=args.retries, timeout_s=args.timeout, cacert=args.cacert,
     )
     again = " (answered again: this request id was already served)" if summary["replayed"] else ""
     print(f"selection {summary['selection_id']}: {summary['rows']} of {summary['n_eligible']} eligible samples{again}")
@@ -120,6 +120,9 @@ def add_client_request(csub) -> None:
     req.add_argument("--budget", required=True, type=float, help="count (e.g. 2000) or fraction (e.g. 0.05)")
     req.add_argument("--temperature", type=float, help="softmax temperature (default: the server's, 0.02)")
     req.add_argument("--seed", type=int, default=0)
+    req.add_argument("--fill", type=float, default=0.0,
+                     help="also draw this fraction of the budget as reserve rows (same law, ranked after the budget): "
+                     "`nds client download` replaces dead links from them (default 0)")
     req.add_argument("--dataset", action="append", help="only this source dataset (repeatable)")
     req.add_argument("--exclude-file", help="file of sample_ids / sha256 hashes to leave out, one per line")
     req.add_argument("--request-id", help="reuse the id a failed attempt printed, to get its selection (default: new)")

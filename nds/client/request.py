@@ -90,7 +90,8 @@ def _with_retries(send, *, server: str, retries: int, request_id: str | None = N
 
 def request_selection(server: str, token: str, scores_path: Path, out_dir: Path, *, budget: float,
                       temperature: float | None = None, seed: int = 0, datasets: list[str] | None = None,
-                      exclude: list[str] | None = None, request_id: str | None = None, retries: int = 5,
+                      exclude: list[str] | None = None, fill: float = 0.0, request_id: str | None = None,
+                      retries: int = 5,
                       timeout_s: float = 300.0, cacert: str | None = None) -> dict:
     """Ask `server` for a selection and write its manifest folder to `out_dir`; returns summary.json.
 
@@ -111,6 +112,8 @@ def request_selection(server: str, token: str, scores_path: Path, out_dir: Path,
             "request_id": request_id, "include_rows": False}
     if temperature is not None:
         body["temperature"] = temperature
+    if fill:
+        body["fill"] = fill  # reserve rows for dead links (nds client download fills from them)
     if datasets:
         body["datasets"] = list(datasets)
     headers = {"Authorization": f"Bearer {token}"}
