@@ -11,7 +11,8 @@ as WebDataset shards, then measures in the same run:
 - registration (``nds.corpus.registry.add_source``: list, fetch, sha256, decode-check) img/s per location kind;
 - ingestion + extraction (the extract stage on the new source only: DataLoader reader processes fetch,
   verify and decode the originals, EfficientNet-Lite0 at ``--image-size``) img/s, against the raw model
-  forward on ready uint8 batches of the same size and batch (the baseline; target ratio >= 0.8);
+  forward on ready uint8 batches of the same size and batch, timed in the same process right after
+  (the baseline; target ratio >= 0.8);
 - peak RSS of the extraction process at each N (flat in N: nothing scales with the collection but the
   features file on disk);
 - img/s per core and a cost model (core-hours per million images, registration + extraction);
@@ -175,32 +176,22 @@ t = time.perf_counter(); n = 0; model = 0.0
 for a, b in plan:
     e = extract_shard(ws, params, a, b, extractor=ex); n += e["n_samples"]; model += e["model_seconds"]
 wall = time.perf_counter() - t
-print(json.dumps({{"n": n, "seconds": wall, "model_seconds": model,
+# The baseline in the same process, right after: the model alone on ready uint8 batches of this size.
+import numpy as np
+x = np.random.default_rng(0).integers(0, 256, (params.extract.batch_size, params.extract.image_size,
+                                                params.extract.image_size, 3), dtype=np.uint8)
+ex(x)
+t = time.perf_counter(); done = 0
+while done < min(max(n, 4 * len(x)), 4096):
+    ex(x); done += len(x)
+raw = done / (time.perf_counter() - t)
+print(json.dumps({{"n": n, "seconds": wall, "model_seconds": model, "raw_forward_img_s": raw,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "NDS_ROOT": str(ws_root)})
     if r.returncode:
         raise SystemExit(r.stderr[-3000:])
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def raw_forward(image_size: int, batch: int, n: int) -> float:
-    """img/s of the extractor alone on ready uint8 batches (the baseline)."""
-    import torch
-
-    from nds.models.extractors import load_extractor
-    from nds.params import ExtractParams
-
-    ex = load_extractor(ExtractParams(image_size=image_size, batch_size=batch))
-    images = np.random.default_rng(0).integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
-    ex(images)  # warm-up
-    t = time.perf_counter()
-    done = 0
-    with torch.inference_mode():
-        while done < n:
-            ex(images)
-            done += batch
-    return done / (time.perf_counter() - t)
 
 
 def dask_identical(ws_root: Path, source: str) -> bool:
@@ -273,9 +264,8 @@ def main() -> int:
                     t = time.perf_counter()
                     info = add_source(ws, "outside", locations[kind], progress=False, track=False)
                     reg_s = time.perf_counter() - t
-                    # The baseline right before the run it is compared with (same machine load).
-                    baseline = raw_forward(args.image_size, args.batch, min(max(n, 4 * args.batch), 2048))
                     ext = extract_source(ws.root, "outside")
+                    baseline = ext["raw_forward_img_s"]
                     ips = ext["n"] / ext["seconds"]
                     row = {"n": n, "kind": kind, "registered": info["counts"]["registered"],
                            "register_img_s": round(n / reg_s, 1), "extract_img_s": round(ips, 1),

@@ -35,3 +35,11 @@ def test_domain_precision_smoke(tiny_index, tmp_path):
                  "--out", str(out)], tmp_path)
     doc = json.loads(out.read_text())
     assert "| **mean** |" in text and len(doc["rows"]) == 7
+
+
+def test_ingest_scale_smoke(tiny_corpus_dir, tmp_path):
+    out = tmp_path / "ingest.json"
+    text = _run([str(REPO / "benchmarks/ingest_scale.py"), "--root", str(tiny_corpus_dir.parent), "--sizes", "40",
+                 "--kinds", "webdataset", "--batch", "16", "--loader-workers", "0", "--out", str(out)], tmp_path)
+    row = json.loads(out.read_text())["rows"][0]
+    assert "| N | location |" in text and row["registered"] == 40 and row["extract_img_s"] > 0
