@@ -90,7 +90,10 @@ def load_catalog(data_dir: Path, *, split: str | None = SOURCE) -> pa.Table:
 
 def _catalog_files(data_dir: Path) -> tuple[tuple[str, int, int, int, bool], ...]:
     """(path, inode, mtime, size, registered) of the packaged catalog and each registered source's catalog."""
-    paths = [data_dir / CATALOG_FILE, *sorted((data_dir / REGISTERED_DIR).glob(f"*/{CATALOG_FILE}"))]
+    # Hidden folders are a registration or removal under way (nds._io.atomic_dir): never read.
+    registered = [p for p in sorted((data_dir / REGISTERED_DIR).glob(f"*/{CATALOG_FILE}"))
+                  if not p.parent.name.startswith(".")]
+    paths = [data_dir / CATALOG_FILE, *registered]
     found = []
     for path in paths:
         try:

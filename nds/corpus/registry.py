@@ -39,12 +39,12 @@ from nds._io import atomic_dir, file_sha256, write_json
 from nds.config import Workspace
 from nds.corpus.decode import MAX_PIXELS, UnusableImageError, decode_image
 from nds.corpus.locations import Entry, Listing, normalize, resolve
+from nds.corpus.read import CATALOG_FILE
+from nds.corpus.read import REGISTERED_DIR as SOURCES_DIR
 from nds.errors import InvalidInputError, NDSError, NotFoundError
 
 log = logging.getLogger(__name__)
 
-SOURCES_DIR = "sources"
-CATALOG_FILE = "catalog.parquet"
 INFO_FILE = "source.json"
 SPLIT = "source"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")

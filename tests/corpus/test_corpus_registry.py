@@ -208,6 +208,18 @@ def test_interrupted_add_leaves_the_catalog_as_it_was(ws, icons, monkeypatch):
     assert (ws.data_dir / "sources/icons/catalog.parquet").read_bytes() == before and _leftovers(ws) == []
 
 
+def test_the_catalog_reader_never_sees_a_registration_under_way(ws, icons):
+    from nds.corpus.read import load_catalog
+
+    add_source(ws, "icons", str(icons), progress=False)
+    n = load_catalog(ws.data_dir).num_rows
+    # what atomic_dir leaves while a `source add` writes (or a `source remove` deletes): a hidden folder
+    half = ws.data_dir / "sources" / ".other.tmp-1"
+    shutil.copytree(ws.data_dir / "sources" / "icons", half)
+    assert load_catalog(ws.data_dir).num_rows == n
+    assert set(load_catalog(ws.data_dir).column("dataset").to_pylist()) == {"icons"}
+
+
 def test_remove_and_unknown_source(ws, icons):
     add_source(ws, "icons", str(icons), progress=False)
     with pytest.raises(NotFoundError, match=r"no registered source 'nope' \(registered: icons\)"):
