@@ -1,8 +1,10 @@
 """Where a manifest row's image comes from, for `nds client download`: its link, its bytes.
 
-A row is either an outside object (a file, ``s3://``, ``http(s)://`` or ``<shard>.tar#<member>``,
-read by `nds.corpus.objects` and kept byte for byte) or a packaged demo row
-``data/images/<dataset>.npy#<row>`` (one row of a domain array, written as PNG). Presigned links
+A row is an object (a file, ``s3://``, ``http(s)://`` or ``<shard>.tar#<member>``, read by
+`nds.corpus.objects` and kept byte for byte; a packaged demo image is a member of a shard in the
+server's ``data/packaged/``, a path relative to its workspace), or a row of a corpus built before
+packaged datasets were sources, ``data/images/<dataset>.npy#<row>`` (one row of a domain array,
+written as PNG). Presigned links
 (`nds select --presign`) live in ``urls.csv`` beside the manifest; without them a row is read
 at its ``uri`` (the server's corpus for packaged rows, the client's own credentials for S3).
 """
@@ -28,6 +30,8 @@ from nds.formats.manifest import URLS_NAME
 #: A packaged row: one image of a domain array (``data/images/<dataset>.npy#<row>``, or the
 #: array published to S3 by `nds corpus publish`).
 _PACKAGED = re.compile(r"^(?P<array>(?:data/|s3://).+\.npy)#(?P<row>\d+)$")
+#: A packaged demo image: a shard member in the server's workspace (``data/packaged/...tar#member``).
+_WORKSPACE_MEMBER = re.compile(r"^data/.+?\.(?P<ext>tar|tar\.gz|tgz)#(?P<member>.+)$")
 #: Extensions kept as they are; anything else is named after the format Pillow reads.
 _KEEP_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _FORMAT_EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
@@ -133,6 +137,9 @@ class RowReader:
             m = _PACKAGED.match(uri)
             if m and m["array"] not in first:
                 first[m["array"]] = uri
+            m = _WORKSPACE_MEMBER.match(uri)
+            if m and uri.partition("#")[0] not in first:
+                first[uri.partition("#")[0]] = uri
         if first and self.ws is None:
             raise InvalidInputError("the manifest names packaged corpus rows but there is no corpus here: "
                                     "run on the server, or select with --presign")
@@ -155,7 +162,19 @@ class RowReader:
             from nds.corpus.read import image_sha256
 
             return Fetched(_png(image), ".png", image_sha256(image), packaged=True)
-        data = objects.fetch_bytes(url or uri, **self.options)
+        member = _WORKSPACE_MEMBER.match(uri)
+        if member and url and objects.split_member(url) is None:
+            # A DVC remote names the shard by its hash (no .tar in the URL): read the member from it.
+            from nds.corpus.shards import member_bytes
+
+            data = member_bytes(url.partition("#")[0], member["member"], plain_tar=member["ext"] == "tar",
+                                **self.options)
+        elif member and not url:
+            from nds.corpus.read import resolve_uri
+
+            data = objects.fetch_bytes(resolve_uri(self.ws.data_dir, uri), **self.options)
+        else:
+            data = objects.fetch_bytes(url or uri, **self.options)
         return Fetched(data, _extension(uri), hashlib.sha256(data).hexdigest(), packaged=False)
 
     def _packaged_image(self, match: re.Match, url: str | None) -> np.ndarray:

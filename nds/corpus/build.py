@@ -1,6 +1,15 @@
-"""Building the corpus: packaged sources -> ``data/`` (image arrays, catalog, corpus.json).
+"""Building the corpus: the packaged demo datasets -> ordinary registered sources in ``data/``.
 
-The layout of ``data/`` is described in :mod:`nds.corpus.read`.
+Each packaged dataset's chosen images are written once as WebDataset shards
+(``data/packaged/<dataset>/<dataset>-NNNNN.tar``: per sample a PNG, and a ``.json`` with its key,
+label and split), then registered through the same path as ``nds source add``
+(`nds.corpus.registry.register_listing`): ``data/sources/<dataset>/`` holds its catalog, whose
+``uri`` names the shard member (``data/packaged/<dataset>/<shard>.tar#<member>``, relative to the
+workspace). Everything downstream (extraction's streaming loader, links, downloads) is the generic
+path. The layout of ``data/`` is described in :mod:`nds.corpus.read`.
+
+The bytes depend on the packages' content only (fixed tar headers, stored-block PNGs, no
+timestamps), so ``data.dvc`` is the same on every machine with the same packages.
 
 Profiles pick a subset per dataset and split by ranking samples on a hash of their
 ``sample_id`` and taking the first *n* usable ones, so the choice is the same on every
@@ -9,28 +18,20 @@ machine and ``tiny`` is a subset of ``small`` is a subset of ``full``.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
+import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from nds._io import atomic_dir
+from nds._io import atomic_dir, file_sha256
 from nds._registry import PROFILES, SOURCES
 from nds.config import IMAGE_SIZE, Workspace
-from nds.corpus.read import (
-    CATALOG_COLUMNS,
-    CATALOG_FILE,
-    CATALOG_SCHEMA,
-    IMAGES_DIR,
-    SPLITS,
-    SUMMARY_FILE,
-    image_sha256,
-)
+from nds.corpus.read import PACKAGED_DIR, SPLITS, SUMMARY_FILE, image_sha256
 from nds.corpus.registry import SOURCES_DIR as REGISTERED_DIR
 from nds.corpus.sources import HOLDOUT, SOURCE, Candidate, rank_key
 from nds.errors import NDSError
@@ -62,6 +63,8 @@ PROFILES["none"] = {}
 OVERDRAW = 1.05
 #: Candidates decoded per progress-bar step.
 LOAD_CHUNK = 500
+#: Samples per packaged WebDataset shard.
+SHARD_SAMPLES = 10_000
 
 
 def rank_candidates(dataset: str, sources_dir: Path) -> dict[str, list[Candidate]]:
@@ -165,23 +168,57 @@ def _drop_duplicates(records: list[dict]) -> tuple[list[dict], dict[str, dict[st
     return [r for i, r in enumerate(records) if i not in drop], dropped
 
 
-def _write(records: list[dict], out_dir: Path) -> pa.Table:
-    """Arrays per dataset and the catalog, both in (dataset, sample_id) order."""
-    (out_dir / IMAGES_DIR).mkdir(parents=True)
-    columns: dict[str, list] = {name: [] for name in CATALOG_COLUMNS}
+def _png(image: np.ndarray) -> bytes:
+    """A stored-block PNG (no compression, no timestamp): the same bytes from any zlib build."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image, "RGB").save(buf, format="PNG", compress_level=0)
+    return buf.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(dataset: str, rows: list[dict], folder: Path) -> list[Path]:
+    """``rows`` of one dataset (in sample_id order) as WebDataset shards in ``folder``.
+
+    Members ``NNNNNN.png`` + ``NNNNNN.json`` ({"key", "label", "split"}); the key is the
+    sample_id without the dataset prefix, so registration gives ``<dataset>/<key>`` whatever the
+    shard layout or profile.
+    """
+    folder.mkdir(parents=True)
+    paths = []
+    for first in range(0, len(rows), SHARD_SAMPLES):
+        path = folder / f"{dataset}-{first // SHARD_SAMPLES:05d}.tar"
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i, r in enumerate(rows[first:first + SHARD_SAMPLES], start=first):
+                meta = {"key": r["sample_id"].removeprefix(f"{dataset}:"), "label": r["label"], "split": r["split"]}
+                _add_member(tar, f"{i:06d}.png", _png(r["image"]))
+                _add_member(tar, f"{i:06d}.json", json.dumps(meta, sort_keys=True).encode())
+        paths.append(path)
+    return paths
+
+
+def _register_packaged(records: list[dict], data_dir: Path, name: str, progress: bool) -> dict[str, dict]:
+    """Write each dataset's shards and register them like any source; source.json per dataset."""
+    from nds.corpus.locations import shard_listing
+    from nds.corpus.registry import register_listing
+
+    infos = {}
     for dataset in sorted({r["dataset"] for r in records}):
         rows = [r for r in records if r["dataset"] == dataset]
-        array = f"{IMAGES_DIR}/{dataset}.npy"
-        np.save(out_dir / array, np.stack([r["image"] for r in rows]))
-        for i, r in enumerate(rows):
-            for name in ("sample_id", "dataset", "label", "split", "sha256"):
-                columns[name].append(r[name])
-            columns["uri"].append(f"data/{array}#{i}")
-            columns["array"].append(array)
-            columns["row"].append(i)
-    table = pa.table(columns, schema=CATALOG_SCHEMA)
-    pq.write_table(table, out_dir / CATALOG_FILE)
-    return table
+        folder = data_dir / PACKAGED_DIR / dataset
+        shards = [(str(p), f"sha256:{file_sha256(p)}") for p in write_shards(dataset, rows, folder)]
+        listing = shard_listing(shards, "column", str(folder))
+        infos[dataset] = register_listing(data_dir, dataset, str(folder), listing, progress=progress,
+                                          relative_to=(data_dir, name), stamp=False)
+        if infos[dataset]["counts"]["registered"] != len(rows):  # the build dropped every duplicate already
+            raise NDSError(f"corpus {dataset}: {len(rows)} images written, {infos[dataset]['counts']} registered")
+    return infos
 
 
 def build_corpus(workspace: Workspace, profile: str = "small", *, progress: bool = True) -> dict:
@@ -207,20 +244,29 @@ def build_corpus(workspace: Workspace, profile: str = "small", *, progress: bool
             seconds[dataset] = round(time.perf_counter() - t0, 2)
             log.info("corpus %s: %d images in %.1fs", dataset, sum(r["dataset"] == dataset for r in records), seconds[dataset])
         records, dropped = _drop_duplicates(records)
-        table = _write(records, tmp)
-        summary = _summary(profile, table, seconds, dropped, sources_dir, time.perf_counter() - started)
+        _register_packaged(records, tmp, data_dir.name, progress)
+        summary = _summary(profile, records, seconds, dropped, sources_dir, time.perf_counter() - started)
         (tmp / SUMMARY_FILE).write_text(json.dumps(_content_facts(summary), indent=2) + "\n")
-        if (data_dir / REGISTERED_DIR).is_dir():  # registered outside sources are not the build's to drop
-            shutil.copytree(data_dir / REGISTERED_DIR, tmp / REGISTERED_DIR, symlinks=True,
-                            ignore=shutil.ignore_patterns(".*"))  # not a half-written add
+        _keep_outside_sources(data_dir, tmp)
     log.info("corpus %s: %d images (%s) in %.1fs -> %s", profile, summary["total"],
              ", ".join(f"{k} {v}" for k, v in summary["totals_by_split"].items()), summary["build_seconds"]["total"], data_dir)
     return summary
 
 
-def _summary(profile: str, table: pa.Table, seconds: dict, dropped: dict, sources_dir: Path, total_s: float) -> dict:
-    datasets = table.column("dataset").to_pylist()
-    splits = table.column("split").to_pylist()
+def _keep_outside_sources(data_dir: Path, new: Path) -> None:
+    """Copy the registered outside sources into the new corpus: they are not the build's to drop
+    (the packaged datasets' own sources are rebuilt, never carried over)."""
+    old = data_dir / REGISTERED_DIR
+    if not old.is_dir():
+        return
+    for folder in sorted(old.iterdir()):
+        if folder.is_dir() and not folder.name.startswith(".") and folder.name not in DATASETS:  # not a half-written add
+            shutil.copytree(folder, new / REGISTERED_DIR / folder.name, symlinks=True)
+
+
+def _summary(profile: str, records: list[dict], seconds: dict, dropped: dict, sources_dir: Path, total_s: float) -> dict:
+    datasets = [r["dataset"] for r in records]
+    splits = [r["split"] for r in records]
     names = [d for d in DATASETS if d in PROFILES[profile]]
     counts = {d: {s: 0 for s in SPLITS} for d in names}
     for d, s in zip(datasets, splits):
@@ -230,7 +276,7 @@ def _summary(profile: str, table: pa.Table, seconds: dict, dropped: dict, source
         "image_size": IMAGE_SIZE,
         "counts": counts,
         "totals_by_split": {s: splits.count(s) for s in SPLITS},
-        "total": table.num_rows,
+        "total": len(records),
         "caps": {d: dict(zip(SPLITS, PROFILES[profile][d])) for d in names},
         "duplicates_dropped": dropped,
         "build_seconds": {**seconds, "total": round(total_s, 2)},

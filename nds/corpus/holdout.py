@@ -10,7 +10,7 @@ import numpy as np
 
 from nds.client.download import image_folder_writer
 from nds.config import Workspace
-from nds.corpus.read import image_sha256, load_catalog, load_images
+from nds.corpus.read import image_sha256, load_catalog, load_images_at
 from nds.corpus.tasks import OUTSIDE_TASKS, build_outside_task
 from nds.errors import NotFoundError
 
@@ -46,9 +46,7 @@ def export_holdout(ws: Workspace, dataset: str, out_dir: Path, *, per_class: int
     chosen = np.asarray(sorted(chosen))
     if len(chosen) == 0:
         raise NotFoundError(f"dataset {dataset!r} has no held-out images in this corpus")
-    arrays = cat.column("array").take(chosen).to_pylist()
-    rows = np.asarray(cat.column("row").take(chosen).to_pylist(), dtype=np.int64)
-    images = load_images(ws.data_dir, arrays, rows)
+    images = load_images_at(ws.data_dir, cat.column("uri").take(chosen).to_pylist())
     ids = cat.column("sample_id").take(chosen).to_pylist()
     labs = cat.column("label").take(chosen).to_pylist()
     with image_folder_writer(Path(out_dir)) as write:

@@ -11,8 +11,8 @@ local folder, no sub-folders           folder       file name                   
 ``s3://bucket/prefix/``                s3           key relative to the prefix       dirs: next path segment
 ``.csv``/``.parquet`` with ``url``     table        ``key`` column, else the url     column: ``label``
 (local, ``s3://`` or ``http(s)://``)
-``.tar`` shards: one, a glob, or a     webdataset   ``<shard file>/<sample key>``    column: ``.cls``,
-folder / S3 prefix holding only them                                                 ``.json`` "label", ``.txt``
+``.tar`` shards: one, a glob, or a     webdataset   ``<shard file>/<sample key>``,   column: ``.cls``,
+folder / S3 prefix holding only them                ``.json`` "key" if given         ``.json`` "label", ``.txt``
 =====================================  ===========  ===============================  =======================
 
 Without ``--label-from`` the labels come from wherever the kind has them (``dirs`` for
@@ -23,12 +23,15 @@ files (a leading dot) and temporary ``.tmp-`` objects are ignored.
 Link tables: a ``url`` may be ``http(s)://``, ``s3://``, ``file://`` or a path (relative paths
 are taken from the table's folder). A url listed twice names one object: it is collapsed to its
 first row (a ``duplicate_within`` skip). Duplicate ``key`` values are an error: two objects
-cannot share one ``sample_id``. An empty url is an ``unreachable`` skip.
+cannot share one ``sample_id``. An empty url is an ``unreachable`` skip. An optional ``split`` column
+(``source`` or ``holdout``) keeps held-out images in the catalog but out of the index.
 
 WebDataset: members are grouped by key (the member path up to the first dot of its file name);
 the image is the first ``jpg``/``jpeg``/``png``/``webp`` member; the label is ``.cls``, else a
-``.json`` "label", else ``.txt``; the caption is ``.txt``, else a ``.json`` "caption". A shard
-that is not a readable tar is one ``corrupt`` skip (its members read before the damage stay).
+``.json`` "label", else ``.txt``; the caption is ``.txt``, else a ``.json`` "caption"; a ``.json``
+"key" names the sample independently of its shard (keys must then be unique over the shards) and
+"split" is as a link table's column. A shard that is not a readable tar is one ``corrupt`` skip
+(its members read before the damage stay).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class Entry:
 
     data: the bytes, when the listing already read them (WebDataset members).
     skip: a reason known from the listing alone (not_image, duplicate_within, unreachable, corrupt).
+    split: "source" or "holdout" (None: source).
     """
 
     key: str
@@ -72,6 +76,7 @@ class Entry:
     version: str | None = None
     data: bytes | None = None
     skip: str | None = None
+    split: str | None = None
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,7 @@ def _list_folder(location: str, label_from: str | None) -> Listing:
     if not images:
         shards = [p for p in files if _is_shard(p.name)]
         if shards:
-            return _shard_listing([(str(p), file_version(p)) for p in shards], label_from, location)
+            return shard_listing([(str(p), file_version(p)) for p in shards], label_from, location)
         raise InvalidInputError(f"{location} holds no image files ({', '.join(IMAGE_EXTENSIONS)}) among its "
                                 f"{len(files)} files; {_FORMS}")
     nested = any(len(p.relative_to(root).parts) > 1 for p in images)
@@ -227,7 +232,7 @@ def _list_s3(location: str, label_from: str | None) -> Listing:
     if not images:
         shards = [(f"s3://{bucket}/{key}", etag) for key, etag, _ in objects if _is_shard(key)]
         if shards:
-            return _shard_listing(shards, label_from, location)
+            return shard_listing(shards, label_from, location)
         raise InvalidInputError(f"{location} holds no image objects ({', '.join(IMAGE_EXTENSIONS)}) among its "
                                 f"{len(objects)} objects; {_FORMS}")
     nested = any("/" in key[len(prefix):] for key, _, _ in images)
@@ -282,6 +287,7 @@ def _list_table(location: str, label_from: str | None) -> Listing:
     label_from = _labels("table", label_from, default="column" if has_label else "none",
                          allowed=("column", "none") if has_label else ("none",), location=location)
     urls, labels, captions = _column(table, "url"), _column(table, "label"), _column(table, "caption")
+    splits = [_split(location, s) for s in _column(table, "split")]
     keys = _column(table, "key") if "key" in columns else None
     if keys is not None:
         _check_keys(location, keys)
@@ -297,7 +303,8 @@ def _list_table(location: str, label_from: str | None) -> Listing:
             entries.append(Entry(url, uri, skip="duplicate_within"))
             continue
         seen.add(url)
-        entries.append(Entry(key, uri, label=labels[i] if label_from == "column" else None, caption=captions[i]))
+        entries.append(Entry(key, uri, label=labels[i] if label_from == "column" else None, caption=captions[i],
+                             split=splits[i]))
     return Listing("table", label_from, entries, len(entries), remote=True)
 
 
@@ -324,7 +331,7 @@ def _list_shards(location: str, label_from: str | None) -> Listing:
     from nds.corpus.objects import object_version
 
     if _is_remote(location):
-        return _shard_listing([(location, object_version(location))], label_from, location)
+        return shard_listing([(location, object_version(location))], label_from, location)
     if glob.has_magic(location):
         paths = sorted(Path(p).absolute() for p in glob.glob(os.path.expanduser(location)) if _is_shard(p))
         if not paths:
@@ -333,10 +340,10 @@ def _list_shards(location: str, label_from: str | None) -> Listing:
         paths = [_local(location)]
         if not paths[0].is_file():
             raise NotFoundError(f"{location} does not exist; {_FORMS}")
-    return _shard_listing([(str(p), file_version(p)) for p in paths], label_from, location)
+    return shard_listing([(str(p), file_version(p)) for p in paths], label_from, location)
 
 
-def _shard_listing(shards: list[tuple[str, str]], label_from: str | None, location: str) -> Listing:
+def shard_listing(shards: list[tuple[str, str]], label_from: str | None, location: str) -> Listing:
     label_from = _labels("webdataset", label_from, default="column", allowed=("column", "none"), location=location)
     remote = any(_is_remote(uri) for uri, _ in shards)
     return Listing("webdataset", label_from, _shard_entries(shards, label_from), None, tuple(shards), remote)
@@ -420,5 +427,20 @@ def _shard_entry(shard: str, version: str, key: str, members: dict, label_from: 
         found = text.get("cls") or meta.get("label") or text.get("txt")
         label = None if found in (None, "") else str(found)
     caption = text.get("txt") or (str(meta["caption"]) if meta.get("caption") else None)
+    if meta.get("key") not in (None, ""):
+        key = str(meta["key"])
     name, data = members[image]
-    return Entry(key, f"{shard}#{name}", label=label, caption=caption, version=version, data=data)
+    return Entry(key, f"{shard}#{name}", label=label, caption=caption, version=version, data=data,
+                 split=_split(shard, meta.get("split")))
+
+
+def _split(location: str, value) -> str | None:
+    """A row's split ("source" or "holdout"; None when not given); anything else is an error."""
+    from nds.corpus.sources import HOLDOUT, SOURCE
+
+    if value in (None, ""):
+        return None
+    if value not in (SOURCE, HOLDOUT):
+        raise InvalidInputError(f"{location}: split {value!r} is not one of {SOURCE}, {HOLDOUT}; fix the split "
+                                "column (or the .json \"split\") or leave it empty")
+    return value

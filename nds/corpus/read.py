@@ -3,24 +3,26 @@ S3 object cache, and the image content hash corpus and client share.
 
 Layout of ``data/`` (other stages rely on it):
 
-- ``images/<dataset>.npy``: ``(n, IMAGE_SIZE, IMAGE_SIZE, 3) uint8``, rows in catalog order.
-- ``catalog.parquet``: one row per image, sorted by (dataset, sample_id), columns
-  ``CATALOG_COLUMNS``; ``uri`` is ``data/images/<dataset>.npy#<row>`` (relative to the
-  workspace root), ``array``/``row`` the same place relative to ``data/``. After
-  ``publish_corpus`` (``nds corpus publish s3://bucket/prefix``) ``uri`` is
-  ``s3://bucket/prefix/images/<dataset>.npy#<row>`` and ``array`` the object's ``s3://`` URI:
-  the images then live in S3 and readers fetch each object once into a local cache
-  (``<workspace>/.cache/corpus``, or ``$NDS_CORPUS_CACHE``).
+- ``sources/<name>/catalog.parquet`` (+ ``source.json``): a registered source
+  (``nds source add``, or a packaged demo dataset registered by ``nds corpus build``;
+  nds.corpus.registry): one row per original object, ``uri`` its link (path, ``s3://``,
+  ``http(s)://``, ``<shard>#<member>``), ``sha256`` of its bytes, ``split`` source or holdout.
+  No pixels are stored: readers fetch and decode the original (``load_images_at``); the index
+  keeps corpus-format pixels as an extract-stage artifact.
+- ``packaged/<dataset>/<dataset>-NNNNN.tar``: the packaged datasets' images as WebDataset
+  shards (written by ``nds corpus build``); their catalog uris are relative to the workspace
+  root (``data/packaged/...``, `resolve_uri`) so the corpus bytes are the same on every machine.
+  After ``nds corpus publish s3://bucket/prefix`` the shards live in S3 and the uris name them.
 - ``corpus.json``: profile, counts per dataset and split, duplicates dropped and the
   packages the images came from.
-- ``sources/<name>/catalog.parquet`` (+ ``source.json``): a registered outside source
-  (``nds source add``, nds.corpus.registry): one row per original object, ``uri`` its link
-  (path, ``s3://``, ``http(s)://``, ``<shard>#<member>``), ``sha256`` of its bytes. No pixels
-  are stored: readers fetch and decode the original (``load_images_at``); the index keeps
-  corpus-format pixels of them as an extract-stage artifact.
+- Corpora built before packaged datasets were sources: ``images/<dataset>.npy``
+  (``(n, IMAGE_SIZE, IMAGE_SIZE, 3) uint8``) and ``catalog.parquet`` with ``uri``
+  ``data/images/<dataset>.npy#<row>`` (or its published ``s3://`` array) and ``array``/``row``;
+  still read (``load_images``; S3 arrays cached once under ``<workspace>/.cache/corpus`` or
+  ``$NDS_CORPUS_CACHE``).
 
-``load_catalog`` returns the packaged rows and every registered source's rows as one table
-(sorted by dataset, sample_id); registered rows have no ``array`` (null) and ``row`` -1.
+``load_catalog`` returns the array catalog (if any) and every registered source's rows as one
+table (sorted by dataset, sample_id); registered rows have no ``array`` (null) and ``row`` -1.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ CATALOG_COLUMNS = tuple(CATALOG_SCHEMA.names)
 CATALOG_FILE = "catalog.parquet"
 SUMMARY_FILE = "corpus.json"
 IMAGES_DIR = "images"
+#: The packaged demo datasets' WebDataset shards (written by `nds corpus build`).
+PACKAGED_DIR = "packaged"
 #: Registered outside sources, one folder each (written by nds.corpus.registry).
 REGISTERED_DIR = "sources"
 
@@ -213,6 +217,14 @@ def load_images(data_dir: Path, arrays: Sequence[str], rows: np.ndarray) -> np.n
     return out
 
 
+def resolve_uri(data_dir: Path, uri: str) -> str:
+    """A catalog ``uri`` as a reader can open it: a relative path (the packaged shards'
+    ``data/packaged/...``) is taken from the workspace root (the parent of ``data_dir``)."""
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    return str(Path(data_dir).absolute().parent / uri)
+
+
 def is_packaged_uri(uri: str) -> bool:
     """True for a packaged corpus image (``data/images/<d>.npy#<row>`` or its published S3 array)."""
     path, sep, row = uri.rpartition("#")
@@ -236,7 +248,8 @@ def load_images_at(data_dir: Path, uris: Sequence[str], *, workers: int = 8) -> 
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for i, image in zip(others, pool.map(lambda i: decode_object(uris[i], (IMAGE_SIZE,))[0], others)):
+            for i, image in zip(others, pool.map(lambda i: decode_object(resolve_uri(data_dir, uris[i]),
+                                                                         (IMAGE_SIZE,))[0], others)):
                 out[i] = image
     return out
 

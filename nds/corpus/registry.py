@@ -39,7 +39,7 @@ from nds._io import atomic_dir, file_sha256, write_json
 from nds.config import Workspace
 from nds.corpus.decode import MAX_PIXELS, UnusableImageError, decode_image
 from nds.corpus.locations import Entry, Listing, normalize, resolve
-from nds.corpus.read import CATALOG_FILE
+from nds.corpus.read import CATALOG_FILE, SPLITS
 from nds.corpus.read import REGISTERED_DIR as SOURCES_DIR
 from nds.errors import InvalidInputError, NDSError, NotFoundError
 
@@ -126,8 +126,33 @@ def add_source(ws: Workspace, name: str, location: str, *, label_from: str | Non
     started = time.perf_counter()
     location = normalize(location)
     listing = resolve(location, label_from)
+    info = register_listing(ws.data_dir, name, location, listing, workers=workers, max_pixels=max_pixels,
+                            progress=progress)
+    return {**info, "seconds": round(time.perf_counter() - started, 2), "dvc_md5": _track(ws, track, f"add {name}")}
+
+
+def register_listing(data_dir: Path, name: str, location: str, listing: Listing, *, workers: int | None = None,
+                     max_pixels: int = MAX_PIXELS, progress: bool = True,
+                     relative_to: tuple[Path, str] | None = None, stamp: bool = True) -> dict:
+    """Inspect every entry of `listing`, drop duplicates, write ``data_dir/sources/NAME`` atomically.
+
+    The one registration path: `add_source` (any location) and the corpus build (the packaged demo
+    datasets, written as WebDataset shards first) both end here.
+
+    relative_to: (folder, name): uris and the location under that folder are stored relative to the
+    workspace, the folder called ``name`` (the packaged shards are built in a temporary sibling of
+    ``data/`` and must give the same catalog bytes on every machine);
+    stamp: record ``registered_at`` (off for the packaged build, whose bytes depend on content only).
+    """
+    started = time.perf_counter()
     rows, skipped = _inspect_all(name, listing, workers, max_pixels, progress)
-    rows = _drop_duplicates(rows, skipped, _other_hashes(ws.data_dir, name))
+    rows = _drop_duplicates(rows, skipped, _other_hashes(data_dir, name))
+    if relative_to is not None:
+        prefix, stored = str(Path(relative_to[0]).absolute()), relative_to[1]
+        for row in rows:
+            if row["uri"].startswith(prefix + "/"):
+                row["uri"] = stored + row["uri"][len(prefix):]
+        location = location.replace(prefix, stored, 1)
     counts = {"registered": len(rows), **{r: len(skipped[r]) for r in SKIP_REASONS}}
     if not rows:
         shown = "; ".join(f"{uris[0]}: {r}" for r, uris in skipped.items() if uris)
@@ -137,15 +162,17 @@ def add_source(ws: Workspace, name: str, location: str, *, label_from: str | Non
     info = {"name": name, "location": location, "kind": listing.kind, "label_from": listing.label_from,
             "counts": counts, "labels": len({r["label"] for r in rows if r["label"] is not None}),
             "bytes": sum(r["bytes"] for r in rows),
-            "skipped_examples": {r: uris[:EXAMPLES] for r, uris in skipped.items() if uris},
-            "registered_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    with atomic_dir(sources_root(ws.data_dir) / name) as tmp:
+            "splits": {s: n for s in SPLITS if (n := sum(r["split"] == s for r in rows))},
+            "skipped_examples": {r: uris[:EXAMPLES] for r, uris in skipped.items() if uris}}
+    if stamp:
+        info["registered_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    with atomic_dir(sources_root(data_dir) / name) as tmp:
         pq.write_table(table, tmp / CATALOG_FILE)
         info["catalog_sha256"] = file_sha256(tmp / CATALOG_FILE)
         write_json(tmp / INFO_FILE, info)
     log.info("source %s (%s): %d images registered, %s, in %.1fs", name, listing.kind, len(rows),
              _counts_text(counts) or "none skipped", time.perf_counter() - started)
-    return {**info, "seconds": round(time.perf_counter() - started, 2), "dvc_md5": _track(ws, track, f"add {name}")}
+    return info
 
 
 def remove_source(ws: Workspace, name: str, *, track: bool = True) -> dict:
@@ -215,7 +242,7 @@ def _inspect(name: str, entry: Entry, max_pixels: int) -> dict | str:
         log.debug("skipped %s: %s", entry.uri, exc)
         return exc.reason
     return {"sample_id": f"{name}/{entry.key}", "dataset": name, "uri": entry.uri, "label": entry.label,
-            "split": SPLIT, "sha256": hashlib.sha256(data).hexdigest(), "width": image.width,
+            "split": entry.split or SPLIT, "sha256": hashlib.sha256(data).hexdigest(), "width": image.width,
             "height": image.height, "version": version, "bytes": len(data), "caption": entry.caption}
 
 

@@ -31,13 +31,20 @@ _LOCK = threading.Lock()
 _SHARD_LOCKS: dict[str, threading.Lock] = {}
 
 
-def member_bytes(shard: str, member: str, *, timeout_s: float, retries: int, backoff_s: float) -> bytes:
-    """The bytes of `member` in the tar at `shard` (any uri form of `nds.corpus.objects`)."""
+def member_bytes(shard: str, member: str, *, timeout_s: float, retries: int, backoff_s: float,
+                 plain_tar: bool | None = None) -> bytes:
+    """The bytes of `member` in the tar at `shard` (any uri form of `nds.corpus.objects`).
+
+    plain_tar: whether the shard is an uncompressed tar (None: from the name ending in ``.tar``;
+    a content-addressed URL, e.g. a DVC remote object, has no such name).
+    """
     uri = f"{shard}#{member}"
     path = _local_shard(shard, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s)
+    if plain_tar is None:
+        plain_tar = (urlsplit(shard).path if "://" in shard else shard).endswith(".tar")
     try:
         stat = path.stat()
-        if not (urlsplit(shard).path if "://" in shard else shard).endswith(".tar"):  # compressed
+        if not plain_tar:  # compressed
             return _scan_member(path, member, uri)
         try:
             index = _tar_index(str(path), stat.st_mtime_ns, stat.st_size)

@@ -74,7 +74,7 @@ def build_target_task(ws: Workspace, name: str, *, shots: int = 10, seed: int = 
     Classes with fewer than ``shots + 1`` held-out images are left out; each class gets at
     most ``test_per_class`` test images. Same seed -> the same split.
     """
-    from nds.corpus.read import load_catalog, load_images
+    from nds.corpus.read import load_catalog, load_images_at
 
     if name not in TASKS:
         raise InvalidInputError(f"unknown target task {name!r}; choose one of: {', '.join(TASKS)} "
@@ -103,12 +103,11 @@ def build_target_task(ws: Workspace, name: str, *, shots: int = 10, seed: int = 
         members = rng.permutation(idx[labels[idx] == c])
         train.extend(members[:shots].tolist())
         test.extend(members[shots:shots + test_per_class].tolist())
-    arrays = np.asarray(cat.column("array").to_pylist(), dtype=object)
-    rows = np.asarray(cat.column("row").to_pylist(), dtype=np.int64)
+    uris = np.asarray(cat.column("uri").to_pylist(), dtype=object)
     train, test = np.asarray(train), np.asarray(test)
     return TargetTask(
-        load_images(ws.data_dir, arrays[train], rows[train]), labels[train].astype(str),
-        load_images(ws.data_dir, arrays[test], rows[test]), labels[test].astype(str),
+        load_images_at(ws.data_dir, uris[train].tolist()), labels[train].astype(str),
+        load_images_at(ws.data_dir, uris[test].tolist()), labels[test].astype(str),
         name, spec.domain,
     )
 

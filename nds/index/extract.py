@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from nds._io import atomic_file, write_json
 from nds.config import IMAGE_SIZE, Workspace
-from nds.corpus.read import decode_object, iter_image_batches, load_catalog, load_images
+from nds.corpus.read import decode_object, iter_image_batches, load_catalog, load_images, resolve_uri
 from nds.errors import InvalidInputError
 from nds.index._artifacts import stage_output
 from nds.models.extractors import Extractor, compute_features, load_extractor
@@ -233,6 +233,7 @@ def extract_shard(ws: Workspace, params: Params, start: int, stop: int, *, progr
     extractor = extractor or load_extractor(params.extract).to(dev, precision)
     pin = extractor.accelerated and extractor.device.type == "cuda"
     if registered:
+        catalog = with_readable_uris(ws.data_dir, catalog)
         loader = object_batches(catalog, extractor.image_size, params.extract.batch_size,
                                 workers=params.extract.loader_workers, pin=pin)
         with atomic_file(pixels_path) as tmp:
@@ -252,6 +253,12 @@ def extract_shard(ws: Workspace, params: Params, start: int, stop: int, *, progr
     return _shard_entry(start, stop, path, pixels_path, reused=False, **stats, extractor=extractor.name,
                         image_size=extractor.image_size, device=device_name(extractor.device),
                         precision=extractor.precision)
+
+
+def with_readable_uris(data_dir: Path, catalog):
+    """``catalog`` with its ``uri`` column as readers open it (`nds.corpus.read.resolve_uri`)."""
+    uris = [resolve_uri(data_dir, u) for u in catalog.column("uri").to_pylist()]
+    return catalog.set_column(catalog.schema.get_field_index("uri"), "uri", pa.array(uris, pa.string()))
 
 
 def _dataset_bounds(catalog) -> list[int]:

@@ -5,9 +5,11 @@ A manifest row's ``uri`` names the original object (see `nds.corpus.objects`); t
 - ``s3://bucket/key``: a presigned GET URL for that object alone;
 - ``s3://bucket/shard.tar#member`` (a WebDataset member): the presigned shard URL + ``#member``;
 - ``http(s)://...``: the link itself (already public, or signed by its owner);
-- a packaged row ``data/images/<dataset>.npy#<row>`` (or its published ``s3://.../<dataset>.npy#<row>``):
-  the presigned URL of the domain array + ``#<row>``, the array found in the catalog or in the
-  workspace's DVC remote, which must then be on S3 and hold the corpus (`dvc push`).
+- a packaged demo image ``data/packaged/<dataset>/<shard>.tar#<member>``: the presigned URL of the
+  shard in the workspace's DVC remote (which must be on S3 and hold the corpus: `dvc push`) +
+  ``#<member>``; after `nds corpus publish` the catalog names the ``s3://`` shard itself;
+- a row of a corpus built before packaged datasets were sources, ``data/images/<dataset>.npy#<row>``
+  (or its published ``s3://.../<dataset>.npy#<row>``): the same, with the domain array + ``#<row>``.
 
 Objects on the server's own disk have no link a client could follow: they are refused with one
 error before anything is written. The URLs carry signatures and expire, so they live beside the
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 _PACKAGED = re.compile(r"^(?P<array>(?:data/|s3://).+\.npy)#(?P<row>\d+)$")
 _TAR_MEMBER = re.compile(r"^(?P<shard>s3://.+?\.(?:tar|tar\.gz|tgz))#(?P<member>.+)$")
+#: A packaged demo image: a member of a shard in the workspace's ``data/`` (versioned by DVC).
+_WORKSPACE_MEMBER = re.compile(r"^(?P<shard>data/.+?\.(?:tar|tar\.gz|tgz))#(?P<member>.+)$")
 
 
 def presign_links(ws: Workspace, table: pa.Table, expires_s: int) -> list[str]:
@@ -90,17 +94,14 @@ def _plan(uri: str, remote) -> tuple[str | None, str, bool]:
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     if scheme in ("http", "https"):
         return None, uri, False
-    packaged = _PACKAGED.match(uri)
+    packaged = _PACKAGED.match(uri) or _WORKSPACE_MEMBER.match(uri)
+    if packaged and "shard" in packaged.groupdict():
+        return _dvc_object(remote, packaged["shard"]), f"#{packaged['member']}", True
     if packaged:
         array = packaged["array"]
         # A packaged array is one object per domain: check it once so a missing push is one
         # clear error here, not thousands of dead links at the client.
-        obj = array if array.startswith("s3://") else remote(array)
-        if not obj.startswith("s3://"):
-            raise InvalidInputError(
-                f"the corpus is stored locally (DVC remote object {obj}): presigned URLs need the corpus on an "
-                "S3 DVC remote (`dvc remote add -d NAME s3://bucket/prefix` + `dvc push`); without --presign the "
-                "client downloads from this server's copy")
+        obj = array if array.startswith("s3://") else _dvc_object(remote, array)
         return obj, f"#{packaged['row']}", True
     member = _TAR_MEMBER.match(uri)
     if member:
@@ -110,3 +111,14 @@ def _plan(uri: str, remote) -> tuple[str | None, str, bool]:
     raise InvalidInputError(
         f"selected object {uri} is on this server's disk ({scheme or 'a path'}): presigned links need objects "
         "in S3 or on HTTP; register the source from S3, or download without --presign on this machine")
+
+
+def _dvc_object(remote, path: str) -> str:
+    """The S3 object that holds workspace file `path` in the DVC remote; an error if it is not on S3."""
+    obj = remote(path)
+    if not obj.startswith("s3://"):
+        raise InvalidInputError(
+            f"the corpus is stored locally (DVC remote object {obj}): presigned URLs need the corpus on an "
+            "S3 DVC remote (`dvc remote add -d NAME s3://bucket/prefix` + `dvc push`) or published "
+            "(`nds corpus publish s3://bucket/prefix`); without --presign the client downloads from this server's copy")
+    return obj

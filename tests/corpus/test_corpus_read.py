@@ -1,4 +1,5 @@
-"""nds.corpus.read: the catalog and image readers of a built corpus (the tiny one, see corpusfixtures.py)."""
+"""nds.corpus.read: the catalog and image readers of a built corpus (the tiny one, see corpusfixtures.py),
+and of a corpus in the array layout built before packaged datasets were sources (`legacy_tiny`)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from nds.corpus.read import (
 )
 from nds.errors import InvalidInputError, NDSError, NotFoundError
 
-from corpusfixtures import sources_env, tiny  # noqa: F401  (fixtures)
+from corpusfixtures import legacy_tiny, sources_env, tiny  # noqa: F401  (fixtures)
 
 
 def _col(table, name):
@@ -35,8 +36,8 @@ def _sha(image: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
 
 
-def test_uri_array_and_row_point_at_the_hashed_image(tiny):
-    ws, _, catalog = tiny
+def test_uri_array_and_row_point_at_the_hashed_image(legacy_tiny):
+    ws, catalog = legacy_tiny
     for uri, array, row, sha in zip(_col(catalog, "uri"), _col(catalog, "array"), _col(catalog, "row"), _col(catalog, "sha256")):
         path, _, index = uri.partition("#")
         assert path == f"data/{array}" and int(index) == row
@@ -51,8 +52,8 @@ def test_uri_array_and_row_point_at_the_hashed_image(tiny):
         assert rows == list(range(len(stored)))
 
 
-def test_iter_image_batches_matches_load_images(tiny):
-    ws, _, catalog = tiny
+def test_iter_image_batches_matches_load_images(legacy_tiny):
+    ws, catalog = legacy_tiny
     batches = list(iter_image_batches(ws.data_dir, catalog, 333))
     assert [len(b) for b in batches[:-1]] == [333] * (len(batches) - 1)
     streamed = np.concatenate(batches)
@@ -64,8 +65,8 @@ def test_iter_image_batches_matches_load_images(tiny):
 
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
-def test_load_images_keeps_request_order(tiny, data):
-    ws, _, catalog = tiny
+def test_load_images_keeps_request_order(legacy_tiny, data):
+    ws, catalog = legacy_tiny
     picks = data.draw(st.lists(st.integers(0, catalog.num_rows - 1), max_size=60))
     arrays = [_col(catalog, "array")[i] for i in picks]
     rows = np.asarray([_col(catalog, "row")[i] for i in picks], dtype=np.int64)
@@ -75,8 +76,8 @@ def test_load_images_keeps_request_order(tiny, data):
     assert all(np.array_equal(im, ex) for im, ex in zip(images, expected))
 
 
-def test_load_images_rejects_bad_rows(tiny):
-    ws, _, _ = tiny
+def test_load_images_rejects_bad_rows(legacy_tiny):
+    ws, _ = legacy_tiny
     with pytest.raises(NDSError, match="out of range"):
         load_images(ws.data_dir, ["images/mnist.npy"], np.asarray([10**6]))
     with pytest.raises(NDSError, match="equal length"):
@@ -91,9 +92,26 @@ def test_load_catalog_errors(tmp_path, tiny):
     assert set(_col(load_catalog(tiny[0].data_dir, split="holdout"), "split")) == {"holdout"}
 
 
-def test_catalog_is_readable_as_plain_parquet(tiny):
+def test_catalog_is_readable_as_plain_parquet(tiny, legacy_tiny):
     ws, _, catalog = tiny
-    assert pq.read_schema(ws.catalog_path).names == list(CATALOG_COLUMNS)
+    for path in sorted((ws.data_dir / "sources").glob("*/catalog.parquet")):
+        assert set(CATALOG_COLUMNS) - {"array", "row"} <= set(pq.read_schema(path).names)
+    assert pq.read_schema(legacy_tiny[0].catalog_path).names == list(CATALOG_COLUMNS)
+
+
+def test_packaged_uris_are_read_from_the_workspace_root(tiny, legacy_tiny, tmp_path, monkeypatch):
+    """The packaged shards' uris are relative to the workspace, not to the current folder; the
+    pixels are those of the legacy arrays built from the same packages."""
+    from nds.corpus.read import resolve_uri
+
+    ws, _, catalog = tiny
+    monkeypatch.chdir(tmp_path)
+    uris = _col(catalog, "uri")[::53]
+    assert resolve_uri(ws.data_dir, uris[0]) == str(ws.root.absolute() / uris[0])
+    assert resolve_uri(ws.data_dir, "s3://b/k.png") == "s3://b/k.png"
+    legacy_ws, legacy = legacy_tiny
+    assert np.array_equal(load_images_at(ws.data_dir, uris),
+                          load_images_at(legacy_ws.data_dir, _col(legacy, "uri")[::53]))
 
 
 # --- error kinds, uris and the shared image hash ---------------------------------------------
@@ -107,12 +125,10 @@ def test_missing_corpus_is_not_found_and_bad_requests_are_invalid(tmp_path, tiny
         load_images(tmp_path, ["images/mnist.npy"], np.asarray([0]))
     with pytest.raises(InvalidInputError):
         load_catalog(ws.data_dir, split="train")
-    with pytest.raises(InvalidInputError):
-        load_images(ws.data_dir, ["images/mnist.npy"], np.asarray([10**6]))
 
 
-def test_split_uri_and_load_images_at(tiny):
-    ws, _, catalog = tiny
+def test_split_uri_and_load_images_at(legacy_tiny):
+    ws, catalog = legacy_tiny
     assert split_uri("data/images/mnist.npy#12") == ("images/mnist.npy", 12)
     assert split_uri("s3://bucket/p/images/mnist.npy#3") == ("s3://bucket/p/images/mnist.npy", 3)
     for bad in ("images/mnist.npy#1", "data/images/mnist.npy", "data/images/mnist.npy#x"):
@@ -123,8 +139,8 @@ def test_split_uri_and_load_images_at(tiny):
     assert np.array_equal(load_images_at(ws.data_dir, uris), direct)
 
 
-def test_image_sha256_is_the_catalog_hash(tiny):
-    ws, _, catalog = tiny
+def test_image_sha256_is_the_catalog_hash(legacy_tiny):
+    ws, catalog = legacy_tiny
     images = load_images(ws.data_dir, _col(catalog, "array")[:20], np.asarray(_col(catalog, "row")[:20]))
     assert [image_sha256(im) for im in images] == _col(catalog, "sha256")[:20]
     # Stored bytes, whatever the layout handed in.

@@ -253,7 +253,12 @@ def test_build_corpus_keeps_registered_sources(ws, icons, monkeypatch):
     add_source(ws, "icons", str(icons), progress=False)
     before = {p.name: p.read_bytes() for p in (ws.data_dir / "sources/icons").iterdir()}
     build_corpus(ws, "tiny", progress=False)
-    assert ws.catalog_path.exists()
+    assert sorted(p.name for p in (ws.data_dir / "sources").iterdir()) == ["icons", "mnist"]
+    assert {p.name: p.read_bytes() for p in (ws.data_dir / "sources/icons").iterdir()} == before
+    # A rebuild replaces the packaged dataset's source (never carries the old one over) and keeps icons.
+    mnist = (ws.data_dir / "sources/mnist/catalog.parquet").read_bytes()
+    build_corpus(ws, "tiny", progress=False)
+    assert (ws.data_dir / "sources/mnist/catalog.parquet").read_bytes() == mnist
     assert {p.name: p.read_bytes() for p in (ws.data_dir / "sources/icons").iterdir()} == before
 
 

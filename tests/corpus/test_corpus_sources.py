@@ -18,10 +18,10 @@ def test_holdout_rules_per_source(tiny):
     rows = list(zip(_col(catalog, "sample_id"), _col(catalog, "dataset"), _col(catalog, "split"), _col(catalog, "label")))
     for sample_id, dataset, split, label in rows:
         if dataset in ("mnist", "fashion"):
-            assert (split == "holdout") == sample_id.startswith(f"{dataset}:t10k:")
+            assert (split == "holdout") == sample_id.startswith(f"{dataset}/t10k:")
         if dataset == "fashion":
             assert label in FASHION_CLASSES
-    fonts = {split: {sid.split(":")[1] for sid, d, s, _ in rows if d == "glyphs" and s == split} for split in ("source", "holdout")}
+    fonts = {split: {sid.split("/", 1)[1].split(":")[0] for sid, d, s, _ in rows if d == "glyphs" and s == split} for split in ("source", "holdout")}
     assert fonts["source"] and fonts["holdout"] and not fonts["source"] & fonts["holdout"]
 
 

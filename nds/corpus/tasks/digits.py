@@ -24,13 +24,12 @@ LCD_CANVAS = 2 * IMAGE_SIZE
 
 def build_digits_m(ws: Workspace, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Held-out MNIST digits blended over colour patches: out = |patch - digit| per channel."""
-    from nds.corpus.read import load_catalog, load_images
+    from nds.corpus.read import load_catalog, load_images_at
 
     cat = load_catalog(ws.data_dir, split="holdout")
     ds = np.asarray(cat.column("dataset").to_pylist(), dtype=object)
     labels = np.asarray(cat.column("label").to_pylist(), dtype=object).astype(str)
-    arrays = np.asarray(cat.column("array").to_pylist(), dtype=object)
-    rows = np.asarray(cat.column("row").to_pylist(), dtype=np.int64)
+    uris = np.asarray(cat.column("uri").to_pylist(), dtype=object)
     textures = np.flatnonzero(np.isin(ds, TEXTURE_DOMAINS))
     if not (ds == "mnist").any() or len(textures) == 0:
         raise NotFoundError(f"task digits-m needs held-out mnist and {'/'.join(TEXTURE_DOMAINS)} images in "
@@ -41,9 +40,9 @@ def build_digits_m(ws: Workspace, per_class: int, seed: int) -> tuple[np.ndarray
         members = np.flatnonzero((ds == "mnist") & (labels == d))
         picked.extend(rng.permutation(members)[:per_class].tolist())
     picked = np.asarray(picked, dtype=np.int64)
-    digits = load_images(ws.data_dir, arrays[picked], rows[picked])[..., 0].astype(np.int16)
+    digits = load_images_at(ws.data_dir, uris[picked].tolist())[..., 0].astype(np.int16)
     tex_rows = rng.choice(textures, size=len(picked))
-    tex = load_images(ws.data_dir, arrays[tex_rows], rows[tex_rows])
+    tex = load_images_at(ws.data_dir, uris[tex_rows].tolist())
     out = np.empty((len(picked), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     for i in range(len(picked)):
         side = int(rng.integers(PATCH_MIN, PATCH_MAX + 1))
