@@ -319,7 +319,8 @@ def load_client_images(path: Path, *, max_pixels: int = MAX_PIXELS, progress: bo
 
 
 def compute_image_hashes(images: np.ndarray) -> list[str]:
-    """sha256 hex digests of ``images: (n, 32, 32, 3) uint8``, equal to the catalog ``sha256``."""
+    """sha256 hex digests of ``images: (n, 32, 32, 3) uint8``: the index's ``pixel_sha256`` of the same
+    image (the server decodes and letterboxes its originals the same way, `nds.corpus.decode`)."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
         raise InvalidInputError(

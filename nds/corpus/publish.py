@@ -113,7 +113,8 @@ def _publish_shards(workspace: Workspace, url: str, *, keep_local: bool) -> dict
         for shard in mapping:
             (data_dir / shard[len(data_dir.name) + 1:]).unlink(missing_ok=True)
             removed += 1
-        for folder in sorted((data_dir / PACKAGED_DIR).glob("*/"), reverse=True) if (data_dir / PACKAGED_DIR).is_dir() else []:
+        packaged = data_dir / PACKAGED_DIR
+        for folder in [*sorted(packaged.glob("*/")), packaged] if packaged.is_dir() else []:
             if not any(folder.iterdir()):
                 folder.rmdir()
     return {"objects": sorted(set(mapping.values())), "rows": rows, "local_removed": removed,

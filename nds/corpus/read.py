@@ -125,7 +125,6 @@ def _read_catalog(files: tuple[tuple[str, int, int, int, bool], ...], split: str
     if split is not None:
         table = _read_catalog(files, None)
         return table.filter(pc.equal(table.column("split"), split))
-    path = files[0][0]
     parts = [_registered_rows(p) if registered else pq.read_table(p) for p, *_, registered in files]
     table = parts[0] if len(parts) == 1 else pa.concat_tables(parts).sort_by([("dataset", "ascending"),
                                                                               ("sample_id", "ascending")])
@@ -135,9 +134,12 @@ def _read_catalog(files: tuple[tuple[str, int, int, int, bool], ...], split: str
         # refuse here, before hours of indexing end in a constraint error or a doubled sample.
         counts = pc.value_counts(ids)
         dup = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+        where = [p for (p, *_), part in zip(files, parts) if pc.any(pc.is_in(part.column("sample_id"),
+                                                                             value_set=dup)).as_py()]
         raise InvalidInputError(
-            f"{path} has {len(dup)} duplicate sample_id(s) (e.g. {dup[0].as_py()!r}); sample ids must be "
-            "unique: rebuild the corpus (`nds corpus build`)"
+            f"{' and '.join(where)} hold {len(dup)} duplicate sample_id(s) (e.g. {dup[0].as_py()!r}); sample ids "
+            "must be unique: rebuild the corpus (`nds corpus build`), or register the source again "
+            "(`nds source add NAME --from LOCATION --replace`)"
         )
     return table
 

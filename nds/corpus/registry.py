@@ -39,7 +39,7 @@ from nds._io import atomic_dir, file_sha256, write_json
 from nds.config import Workspace
 from nds.corpus.decode import MAX_PIXELS, UnusableImageError, decode_image
 from nds.corpus.locations import Entry, Listing, normalize, resolve
-from nds.corpus.read import CATALOG_FILE, SPLITS
+from nds.corpus.read import CATALOG_FILE, SPLITS, resolve_uri
 from nds.corpus.read import REGISTERED_DIR as SOURCES_DIR
 from nds.errors import InvalidInputError, NDSError, NotFoundError
 
@@ -196,7 +196,7 @@ def check_source(ws: Workspace, name: str, *, progress: bool = False, workers: i
     folder = _existing(ws, name)
     info = _read_info(folder / INFO_FILE)
     catalog = pq.read_table(folder / CATALOG_FILE, columns=["uri", "version"]).to_pylist()
-    current = _current_versions(info, [r["uri"] for r in catalog], workers, progress)
+    current = _current_versions(ws.data_dir, info, catalog, workers, progress)
     changed = [r["uri"] for r in catalog if current.get(r["uri"], None) not in (None, r["version"])]
     missing = [r["uri"] for r in catalog if current.get(r["uri"]) is None]
     known = {r["uri"] for r in catalog}
@@ -206,8 +206,20 @@ def check_source(ws: Workspace, name: str, *, progress: bool = False, workers: i
             "missing": len(missing), "not_in_catalog": len(unlisted),
             "examples": {"changed": changed[:EXAMPLES], "missing": missing[:EXAMPLES],
                          "not_in_catalog": unlisted[:EXAMPLES]},
-            "re_register": f"nds source add {name} --from {shlex.quote(info['location'])} "
-                           f"--label-from {info['label_from']} --replace"}
+            "re_register": _re_register(ws, name, info)}
+
+
+def _re_register(ws: Workspace, name: str, info: dict) -> str:
+    """The command that takes a source's changes in: a packaged dataset is rebuilt with its profile."""
+    from nds._registry import SOURCES
+    from nds.corpus.read import SUMMARY_FILE
+
+    if name in SOURCES:
+        summary = ws.data_dir / SUMMARY_FILE
+        profile = json.loads(summary.read_text()).get("profile", "small") if summary.exists() else "small"
+        return f"nds corpus build --profile {profile}"
+    return (f"nds source add {name} --from {shlex.quote(info['location'])} --label-from {info['label_from']} "
+            "--replace")
 
 
 # --------------------------------------------------------------------------- the work
@@ -308,11 +320,12 @@ def _drop_duplicates(rows: list[dict], skipped: dict[str, list[str]], others: di
     return kept
 
 
-def _current_versions(info: dict, uris: list[str], workers: int | None, progress: bool) -> dict[str, str | None]:
+def _current_versions(data_dir: Path, info: dict, catalog: list[dict], workers: int | None,
+                      progress: bool) -> dict[str, str | None]:
     """uri -> its version now (None: gone or unreachable), by the cheapest means the kind allows."""
     from nds.corpus.objects import object_version
 
-    kind = info["kind"]
+    kind, uris = info["kind"], [r["uri"] for r in catalog]
     if kind in ("folder", "imagefolder", "s3"):
         try:
             listing = resolve(info["location"], info["label_from"])
@@ -320,11 +333,20 @@ def _current_versions(info: dict, uris: list[str], workers: int | None, progress
             return {}
         return {e.uri: e.version for e in listing.entries if e.skip is None}
     if kind == "webdataset":
-        try:
-            shards = dict(resolve(info["location"], info["label_from"]).shards)
+        try:  # a packaged dataset's location and uris are relative to the workspace
+            shards = dict(resolve(resolve_uri(data_dir, info["location"]), info["label_from"]).shards)
         except (NotFoundError, InvalidInputError):
             return {}
-        return {u: shards.get(u.partition("#")[0]) for u in uris}
+        now: dict[str, str | None] = {}
+        for row in catalog:
+            shard = row["uri"].partition("#")[0]
+            if shard not in now:
+                path = resolve_uri(data_dir, shard)
+                found = shards.get(path)
+                if found is not None and row["version"].startswith("sha256:") and "://" not in path:
+                    found = f"sha256:{file_sha256(Path(path))}"  # the packaged shards' version is their content
+                now[shard] = found
+        return {u: now[u.partition("#")[0]] for u in uris}
 
     def version(uri: str) -> str | None:
         try:

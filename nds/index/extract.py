@@ -26,7 +26,14 @@ import pyarrow.parquet as pq
 
 from nds._io import atomic_file, write_json
 from nds.config import IMAGE_SIZE, Workspace
-from nds.corpus.read import decode_object, iter_image_batches, load_catalog, load_images, resolve_uri
+from nds.corpus.read import (
+    decode_object,
+    image_sha256,
+    iter_image_batches,
+    load_catalog,
+    load_images,
+    resolve_uri,
+)
 from nds.errors import InvalidInputError
 from nds.index._artifacts import stage_output
 from nds.models.extractors import Extractor, compute_features, load_extractor
@@ -58,7 +65,8 @@ def plan_extract(ws: Workspace, params: Params, *, shard_batches: int = SHARD_BA
         raise InvalidInputError(f"shard_batches must be >= 1, got {shard_batches}")
     catalog = load_catalog(ws.data_dir, split="source")
     if catalog.num_rows == 0:
-        raise InvalidInputError(f"{ws.catalog_path} has no source samples; rebuild the corpus or add a source")
+        raise InvalidInputError(f"the corpus in {ws.data_dir} has no source samples; build it (`nds corpus build`) "
+                                "or add a source (`nds source add NAME --from LOCATION`)")
     size = params.extract.batch_size * shard_batches
     bounds = _dataset_bounds(catalog)
     return [(start, min(start + size, stop)) for first, stop in zip(bounds, bounds[1:])
@@ -280,6 +288,10 @@ def finish_extract(ws: Workspace, params: Params, shards: list[dict]) -> dict:
     """Join the shards into ``features.npy (n, dim) float16`` + ``index.parquet`` (+ ``pixels.npy``,
     the corpus-format pixels of registered sources' rows, at ``index.parquet``'s ``pixel_row``).
 
+    ``index.parquet``'s ``pixel_sha256`` is `nds.corpus.read.image_sha256` of each row's
+    corpus-format pixels: what a client's ``--emit-hashes`` sends for the same image, so the
+    contamination guard finds it whatever the original's format or size.
+
     The shard cache keeps exactly the shards of this index (older ones are pruned), so the next
     run after a source is added extracts only that source.
     """
@@ -305,17 +317,22 @@ def finish_extract(ws: Workspace, params: Params, shards: list[dict]) -> dict:
             feats[e["start"]:e["stop"]] = np.load(e["file"], mmap_mode="r")
         feats.flush()
         del feats
+        # Rows read from arrays (a corpus built before packaged datasets were sources) are hashed
+        # as pixels already; the others get the hash of their corpus-format pixels here.
+        pixel_sha256 = catalog.column("sha256").to_pylist()
         if n_pixels:
             pixels = np.lib.format.open_memmap(out / PIXELS_FILE, mode="w+", dtype=np.uint8,
                                                shape=(n_pixels, IMAGE_SIZE, IMAGE_SIZE, 3))
             for e in shards:
                 if e.get("pixels"):
-                    pixels[pixel_row[e["start"]]:pixel_row[e["start"]] + e["stop"] - e["start"]] = \
-                        np.load(e["pixels"], mmap_mode="r")
+                    part = np.load(e["pixels"], mmap_mode="r")
+                    pixels[pixel_row[e["start"]]:pixel_row[e["start"]] + e["stop"] - e["start"]] = part
+                    pixel_sha256[e["start"]:e["stop"]] = [image_sha256(im) for im in part]
             pixels.flush()
             del pixels
         index = catalog.select(["sample_id", "dataset", "label", "uri", "split", "sha256"])
-        pq.write_table(index.append_column("pixel_row", pa.array(pixel_row)), out / "index.parquet")
+        index = index.append_column("pixel_row", pa.array(pixel_row))
+        pq.write_table(index.append_column("pixel_sha256", pa.array(pixel_sha256, pa.string())), out / "index.parquet")
         computed = [e for e in shards if not e["reused"]]
         model_s = sum(e["model_seconds"] for e in shards)
         wall = sum(e["seconds"] for e in shards) + (time.perf_counter() - t0)

@@ -11,11 +11,13 @@ writer lock or corrupting it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,6 +57,9 @@ class Index:
     catalog: pa.Table  # sample_id, dataset, uri, label, sha256
     assignments: np.ndarray  # (n,) int32
     layout: tuple[np.ndarray, np.ndarray] | None = None  # (order, offsets) for the clustered sampler
+    #: () -> the pixel_sha256 column (index order), read when an exclusion first needs it; None: an
+    #: index written before the column existed (its packaged rows' sha256 is the pixel hash).
+    pixel_hashes: Callable[[], pa.ChunkedArray] | None = None
 
 
 def load_current_index(ws: Workspace) -> Index:
@@ -81,7 +86,15 @@ def load_current_index(ws: Workspace) -> Index:
         catalog=catalog,
         assignments=w.column("expert").to_numpy().astype(np.int32),
         layout=layout,
+        pixel_hashes=_column_reader(ipath, "pixel_sha256"),
     )
+
+
+def _column_reader(path: Path, name: str) -> Callable[[], pa.ChunkedArray] | None:
+    """A function reading column `name` of the Parquet file at `path` once (None if it has none)."""
+    if name not in pq.read_schema(path).names:
+        return None
+    return functools.lru_cache(maxsize=1)(lambda: pq.read_table(path, columns=[name]).column(name))
 
 
 def check_scores(scores: dict, index: Index) -> None:
@@ -114,6 +127,8 @@ def eligible_mask(index: Index, *, datasets: list[str] | None, exclude: list[str
         drop = pa.array(sorted(set(exclude)), pa.string())
         hit = pc.or_(pc.is_in(index.catalog.column("sample_id"), value_set=drop),
                      pc.is_in(index.catalog.column("sha256"), value_set=drop))
+        if index.pixel_hashes is not None:  # a client's hashes are of decoded corpus-format pixels
+            hit = pc.or_(hit, pc.is_in(index.pixel_hashes(), value_set=drop))
         hit = np.asarray(hit.to_numpy(zero_copy_only=False), dtype=bool)
         n_excluded = int(hit.sum())
         mask &= ~hit

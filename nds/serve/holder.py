@@ -16,6 +16,7 @@ different versions) the previous version stays in service.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -42,8 +43,10 @@ log = logging.getLogger(__name__)
 
 CACHE_DIR = "index-cache"
 #: In the key of every snapshot: bumped when a snapshot's files change shape, so a new release
-#: takes a fresh snapshot (2: DICTIONARY_COLUMNS dictionary-encoded).
-SNAPSHOT_FORMAT = 2
+#: takes a fresh snapshot (2: DICTIONARY_COLUMNS dictionary-encoded; 3: pixel_sha256.arrow).
+SNAPSHOT_FORMAT = 3
+#: The catalog rows' pixel hashes (the contamination guard's second key), beside catalog.arrow.
+PIXEL_HASHES_FILE = "pixel_sha256.arrow"
 #: Catalog columns with few distinct values, stored dictionary-encoded: a request's `take` of B
 #: rows reads B small integers there instead of B offsets and strings (~30 % of the take at N = 1e7).
 DICTIONARY_COLUMNS = ("dataset", "label")
@@ -178,6 +181,11 @@ class IndexHolder:
                 writer.write_table(catalog, max_chunksize=max(1, catalog.num_rows))
             del catalog
             np.save(tmp / "assignments.npy", np.ascontiguousarray(index.assignments, dtype=np.int32))
+            if index.pixel_hashes is not None:  # read only by a request with exclusions
+                hashes = pa.table({"pixel_sha256": index.pixel_hashes().combine_chunks()})
+                with ipc.new_file(tmp / PIXEL_HASHES_FILE, hashes.schema) as writer:
+                    writer.write_table(hashes, max_chunksize=max(1, hashes.num_rows))
+                del hashes
             (tmp / "layout").mkdir()
             for name in LAYOUT_FILES:
                 _link_or_copy(self.ws.stage_dir("weights") / "layout" / name, tmp / "layout" / name)
@@ -199,9 +207,13 @@ class IndexHolder:
         ready = json.loads((folder / "ready.json").read_text())
         catalog = ipc.open_file(pa.memory_map(str(folder / "catalog.arrow"))).read_all()
         bundle = load_bundle(folder / "bundle", verify=False)
+        hashes = folder / PIXEL_HASHES_FILE
         index = Index(version=ready["index_version"], bundle_sha256=ready["bundle_sha256"], k=int(bundle["k"]),
                       catalog=catalog, assignments=np.load(folder / "assignments.npy", mmap_mode="r"),
-                      layout=load_cluster_layout(folder / "layout"))
+                      layout=load_cluster_layout(folder / "layout"),
+                      pixel_hashes=functools.lru_cache(maxsize=1)(
+                          lambda: ipc.open_file(pa.memory_map(str(hashes))).read_all().column("pixel_sha256"))
+                      if hashes.exists() else None)
         return LoadedIndex(index=index, bundle=bundle, bundle_dir=folder / "bundle", datasets=ready["datasets"], key=key)
 
     def _prune(self, keep: set[str]) -> None:

@@ -208,7 +208,7 @@ def test_logme_prefers_features_that_explain_the_labels():
 
 def _holdout_client_folder(ws, dataset: str, folder: Path, per_class: int = 10) -> dict[str, str]:
     """The hold-out images of one domain as a PNG ImageFolder; returns path -> catalog sha256."""
-    from nds.corpus.read import load_catalog, load_images
+    from nds.corpus.read import image_sha256, load_catalog, load_images_at
 
     cat = load_catalog(ws.data_dir, split="holdout").to_pylist()
     rows = sorted((r for r in cat if r["dataset"] == dataset), key=lambda r: r["sample_id"])
@@ -219,13 +219,13 @@ def _holdout_client_folder(ws, dataset: str, folder: Path, per_class: int = 10) 
             taken[r["label"]] = taken.get(r["label"], 0) + 1
             chosen.append(r)
     chosen = [r for r in chosen if taken[r["label"]] >= 2]  # linear cross-validation needs 2 per class
-    images = load_images(ws.data_dir, [r["array"] for r in chosen], np.array([r["row"] for r in chosen]))
+    images = load_images_at(ws.data_dir, [r["uri"] for r in chosen])
     expected = {}
     for r, im in zip(chosen, images):
         p = folder / r["label"] / f"{r['sample_id'].replace('/', '_')}.png"
         p.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(im).save(p)
-        expected[str(p)] = r["sha256"]
+        expected[str(p)] = image_sha256(im)  # the pixels written and read back: the same hash
     return expected
 
 

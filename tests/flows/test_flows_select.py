@@ -15,7 +15,7 @@ import pytest
 from nds.select import service as selections
 from flows.cli import main as nds_main
 from nds.client.images import compute_image_hashes, load_client_images
-from nds.corpus.read import load_catalog, load_images
+from nds.corpus.read import load_catalog, load_images_at
 from nds.errors import NDSError
 from nds.client.scoring import score_experts
 from nds.formats.scores import write_scores
@@ -85,8 +85,7 @@ def test_contamination_guard_excludes_the_clients_own_images(tiny_index, tmp_pat
     monkeypatch.setenv("NDS_MANIFESTS", str(tmp_path / "manifests"))
     cat = load_catalog(ws.data_dir)
     take = np.flatnonzero(np.asarray(cat.column("dataset").to_pylist()) == DOMAIN)[:40]
-    images = load_images(ws.data_dir, cat.column("array").take(take).to_pylist(),
-                         np.asarray(cat.column("row").take(take).to_pylist()))
+    images = load_images_at(ws.data_dir, cat.column("uri").take(take).to_pylist())
     from PIL import Image
 
     for i, img in enumerate(images):
@@ -95,7 +94,10 @@ def test_contamination_guard_excludes_the_clients_own_images(tiny_index, tmp_pat
         Image.fromarray(img).save(folder / f"{i}.png")
     data = load_client_images(tmp_path / "task", progress=False)
     hashes = compute_image_hashes(data.images)
-    assert set(hashes) == set(cat.column("sha256").take(take).to_pylist())
+    index = pq.read_table(ws.stage_dir("extract") / "index.parquet").to_pylist()
+    pixel_sha256 = {r["sample_id"]: r["pixel_sha256"] for r in index}
+    assert set(hashes) == {pixel_sha256[s] for s in cat.column("sample_id").take(take).to_pylist()}
+    assert not set(hashes) & set(cat.column("sha256").to_pylist()), "the catalog hashes the PNG bytes, not pixels"
     result = score_experts(ws.stage_dir("experts"), data, mode="rotation", progress=False)
     write_scores(tmp_path / "scores.json", bundle=result.bundle, mode="rotation", scores=result.scores,
                  seconds_per_expert=result.seconds_per_expert, hashes=hashes)

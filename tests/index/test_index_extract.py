@@ -5,6 +5,14 @@ from nds.errors import NDSError
 from nds.index.extract import EXTRACT_CACHE, extract_shard, finish_extract, plan_extract, run_extract
 
 
+def _cached(ws) -> list:
+    """The cached feature shards (each has its corpus-format pixels beside it, `<key>.pixels.npy`)."""
+    files = sorted((ws.artifacts_dir / EXTRACT_CACHE).glob("*.npy"))
+    features = [p for p in files if not p.name.endswith(".pixels.npy")]
+    assert len(files) == 2 * len(features)
+    return features
+
+
 def test_sharded_extraction_resumes_and_equals_one_pass(tiny_index, tmp_path):
     """Shards fall on batch boundaries: 4 shards give the features of the index's single pass;
     after an interruption, the rerun reuses finished shards and computes only the rest."""
@@ -24,17 +32,17 @@ def test_sharded_extraction_resumes_and_equals_one_pass(tiny_index, tmp_path):
     # "Killed" after two shards: their files are in the cache, the stage output is untouched.
     for a, b in plan[:2]:
         extract_shard(ws, params, a, b)
-    assert len(list((ws.artifacts_dir / EXTRACT_CACHE).glob("*.npy"))) == 2
+    assert len(_cached(ws)) == 2
     stats = run_extract(ws, params, shard_batches=4)
     assert stats["shards"] == len(plan) and stats["shards_reused"] == 2
     assert np.array_equal(np.load(ws.stage_dir("extract") / "features.npy"), one_pass)
     # After success the cache holds exactly this index's shards (the next run after `nds source add`
     # extracts only the new source); a stale shard is pruned.
-    assert len(list((ws.artifacts_dir / EXTRACT_CACHE).glob("*.npy"))) == len(plan)
+    assert len(_cached(ws)) == len(plan)
     stale = ws.artifacts_dir / EXTRACT_CACHE / "stale.npy"
     np.save(stale, np.zeros((1, 1)))
     run_extract(ws, params, shard_batches=4)
-    assert not stale.exists() and len(list((ws.artifacts_dir / EXTRACT_CACHE).glob("*.npy"))) == len(plan)
+    assert not stale.exists() and len(_cached(ws)) == len(plan)
     with pytest.raises(NDSError, match="do not cover"):
         finish_extract(ws, params, [])
 

@@ -13,7 +13,7 @@ import pytest
 
 from flows.cli import main as nds_main
 from nds.config import Workspace
-from nds.corpus.read import load_images, split_uri
+from nds.corpus.read import load_images_at
 from nds.errors import NDSError
 from nds.formats.bundle import load_bundle
 from nds.formats.scores import write_scores
@@ -110,8 +110,11 @@ def test_presigned_selection_published_and_downloaded(pushed, s3_env, tmp_path, 
     from PIL import Image
 
     m = load_manifest(sel)
-    arrays, rows_ = zip(*(split_uri(u) for u in m.column("uri").to_pylist()))
-    expected = load_images(pushed.data_dir, list(arrays), np.asarray(rows_))
+    uris = m.column("uri").to_pylist()
+    assert all(u.startswith("data/packaged/") and ".tar#" in u for u in uris)
+    urls = (sel / "urls.csv").read_text()
+    assert f"/{BUCKET}/dvc/files/md5/" in urls and ".tar" not in urls.split("#")[0]  # the shard by its DVC hash
+    expected = load_images_at(pushed.data_dir, uris)
     from nds.client.download import safe_name
 
     for i in (0, m.num_rows - 1):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import re
 import struct
 import subprocess
@@ -211,14 +212,17 @@ def _duplicate_ids_corpus(c: Ctx) -> None:
     for p in c.ws.data_dir.iterdir():
         if p.is_file():
             (root / "data" / p.name).write_bytes(p.read_bytes())
+        elif p.name == "sources":
+            shutil.copytree(p, root / "data" / p.name)
         else:
             (root / "data" / p.name).symlink_to(p, target_is_directory=True)
     (root / "params.yaml").write_bytes(c.ws.params_path.read_bytes())
-    cat = pq.read_table(root / "data" / "catalog.parquet")
+    catalog = root / "data" / "sources" / "mnist" / "catalog.parquet"
+    cat = pq.read_table(catalog)
     ids = cat.column("sample_id").to_pylist()
     ids[1] = ids[0]
     cat = cat.set_column(cat.schema.get_field_index("sample_id"), "sample_id", pa.array(ids, pa.string()))
-    pq.write_table(cat, root / "data" / "catalog.parquet")
+    pq.write_table(cat, catalog)
     try:
         run_stage("extract", Workspace(root), progress=False)
     finally:
@@ -369,7 +373,7 @@ CASES = [
     ("warehouse-locked-by-writer", _locked_status,
      r"error: warehouse .*locked\.duckdb is locked by another process", r"wait for it to finish"),
     # -- the index stages
-    ("corpus-duplicate-sample-ids", _duplicate_ids_corpus, r"catalog\.parquet .*duplicate sample_id",
+    ("corpus-duplicate-sample-ids", _duplicate_ids_corpus, r"sources/mnist/catalog\.parquet hold 1 duplicate sample_id",
      r"rebuild the corpus"),
     ("cluster-empty", _empty_cluster, r"clusters \[2\] are empty", r"lower cluster\.k"),
     # -- the command line
