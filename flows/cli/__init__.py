@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     # Keep the console about our work: Prefect's client logs every API request at INFO, and
-    # faiss says at INFO which CPU build it loaded (on any command that reads the clusterers).
-    for noisy in ("httpx", "faiss"):
+    # faiss says at INFO which CPU build it loaded (on any command that reads the clusterers),
+    # botocore where it found the credentials (on any command that touches S3).
+    for noisy in ("httpx", "faiss", "botocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)

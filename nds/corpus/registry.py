@@ -48,7 +48,10 @@ log = logging.getLogger(__name__)
 INFO_FILE = "source.json"
 SPLIT = "source"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-SKIP_REASONS = ("corrupt", "not_image", "too_large", "unreachable", "duplicate_within", "duplicate_of_other_source")
+#: Why an object is not registered. missing: 404 / no such key (the link is gone); denied: 403 / a
+#: permission error (fix the credentials); unreachable: no answer after the retries, or an empty url.
+SKIP_REASONS = ("corrupt", "not_image", "too_large", "missing", "denied", "unreachable", "duplicate_within",
+                "duplicate_of_other_source")
 #: Skipped uris kept per reason in source.json (the counts hold the rest).
 EXAMPLES = 5
 #: Objects in flight: network reads wait on the far end, so more threads than cores pay off;
@@ -236,7 +239,13 @@ def _existing(ws: Workspace, name: str) -> Path:
 
 def _inspect(name: str, entry: Entry, max_pixels: int) -> dict | str:
     """One listed object -> its catalog row, or the reason it is skipped."""
-    from nds.corpus.objects import ObjectTooLargeError, fetch_bytes, object_version
+    from nds.corpus.objects import (
+        ObjectAccessError,
+        ObjectNotFoundError,
+        ObjectTooLargeError,
+        fetch_bytes,
+        object_version,
+    )
 
     if entry.skip:
         return entry.skip
@@ -245,9 +254,11 @@ def _inspect(name: str, entry: Entry, max_pixels: int) -> dict | str:
         version = entry.version if entry.version is not None else object_version(entry.uri)
     except ObjectTooLargeError:
         return "too_large"
-    except NDSError as exc:
-        log.debug("unreachable %s: %s", entry.uri, exc)
-        return "unreachable"
+    except (ObjectNotFoundError, ObjectAccessError, NDSError) as exc:
+        reason = ("missing" if isinstance(exc, ObjectNotFoundError) else
+                  "denied" if isinstance(exc, ObjectAccessError) else "unreachable")
+        log.debug("%s %s: %s", reason, entry.uri, exc)
+        return reason
     try:
         image = decode_image(data, max_pixels=max_pixels)
     except UnusableImageError as exc:

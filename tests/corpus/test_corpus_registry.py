@@ -358,7 +358,9 @@ def test_link_table_counts_dead_links_and_collapses_repeated_urls(ws, http_root,
                      f"{base}/missing.png,a,\n{base}/forbidden/x.png,b,\nlocal.png,b,relative path\n")
     info = add_source(ws, "web", str(table), progress=False)
     counts = info["counts"]
-    assert (info["kind"], counts["registered"], counts["unreachable"], counts["duplicate_within"]) == ("table", 4, 2, 1)
+    assert (info["kind"], counts["registered"], counts["duplicate_within"]) == ("table", 4, 1)
+    assert (counts["missing"], counts["denied"], counts["unreachable"]) == (1, 1, 0)  # 404 and 403 told apart
+    assert info["skipped_examples"]["missing"] == [f"{base}/missing.png"]
     rows = {r["uri"]: r for r in _catalog(ws, "web").to_pylist()}
     assert rows[f"{base}/0.png"]["sample_id"] == f"web/{base}/0.png" and rows[f"{base}/0.png"]["caption"] == "first"
     assert rows[f"{base}/1.png"]["label"] == "b" and rows[f"{base}/1.png"]["version"]
