@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from nds._registry import CLUSTERERS, EXPERT_ARCHS, EXTRACTORS, WEIGHT_SCHEMES
 from nds.errors import InvalidInputError, NotFoundError
 from nds.models.device import check_device_spec, check_precision
+from nds.models.experts import EXPERT_INPUT_SIZE, MAX_INPUT_SIZE, MIN_INPUT_SIZE
 
 
 class _Section(BaseModel):
@@ -86,6 +87,11 @@ class TrainExpertsParams(_Section):
     seed: int = 0
     #: auto | cpu | cuda | cuda:N ($NDS_DEVICE and --device override it).
     device: str = "auto"
+    #: Side of the square images the experts train on (bundle.json ``input_size``; clients score at it).
+    #: 32 is the corpus format: the extract stage's pixels. Any other size decodes the originals again.
+    image_size: int = Field(EXPERT_INPUT_SIZE, ge=MIN_INPUT_SIZE, le=MAX_INPUT_SIZE)
+    #: DataLoader processes decoding the originals at a non-default ``image_size``.
+    loader_workers: int = Field(4, ge=0, le=64)
 
     @field_validator("arch")
     @classmethod

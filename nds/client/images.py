@@ -10,6 +10,10 @@ image taken from the corpus hashes to its catalog ``sha256``), any other size re
 32 px) and centred on a white canvas. The corpus's own domains use other conventions (MNIST is
 padded with black), so a client image of another size never hashes to a corpus image; that only
 matters for ``--emit-hashes``, which should be fed the same 32x32 bytes the corpus stores.
+
+Experts trained at another size (a bundle's ``input_size``, ``train_experts.image_size``) see the
+client's images decoded again from their files at that size (``client_images_at``), by the rules
+the server used on its originals at that size, not the 32 px pixels scaled up.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class ClientData:
     class_names: sorted distinct labels ([] if unlabelled).
     paths: (n,) where each image came from (file path, or ``file.npz#i``); stays local.
     n_skipped / skipped: files that could not be used, as (path, reason).
+    max_pixels: the limit the files were read under (``client_images_at`` reads them again under it).
     """
 
     images: np.ndarray
@@ -47,6 +52,7 @@ class ClientData:
     paths: list[str]
     n_skipped: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    max_pixels: int = MAX_PIXELS
 
     def __len__(self) -> int:
         return len(self.images)
@@ -141,9 +147,18 @@ def _no_images_message(root: Path) -> str:
             "subfolder per class (ImageFolder layout), a flat folder of images, or an .npz file")
 
 
-def _to_corpus_format(image) -> np.ndarray:
-    """A decoded PIL image of any mode and size -> (32, 32, 3) uint8 (rules in ``nds.corpus.decode``)."""
-    return to_array(image, IMAGE_SIZE)
+def _to_corpus_format(image, size: int = IMAGE_SIZE) -> np.ndarray:
+    """A decoded PIL image of any mode and size -> (size, size, 3) uint8 (rules in ``nds.corpus.decode``)."""
+    return to_array(image, size)
+
+
+def _npz_image(im: np.ndarray):
+    """One image of an .npz 'images' array ((H, W) or (H, W, C), C in 1, 3, 4) as a PIL image."""
+    from PIL import Image
+
+    if im.ndim == 2:
+        return Image.fromarray(im, "L")
+    return Image.fromarray(im[..., 0] if im.shape[2] == 1 else im, {1: "L", 3: "RGB", 4: "RGBA"}[im.shape[2]])
 
 
 @contextlib.contextmanager
@@ -165,10 +180,10 @@ class _Skip(Exception):
     """A file that cannot be used; the message is the reason reported to the user."""
 
 
-def _decode_file(path: Path, max_pixels: int) -> np.ndarray:
-    """One image file -> (32, 32, 3) uint8; raises _Skip(reason) if it cannot be used."""
+def _decode_file(path: Path, max_pixels: int, size: int = IMAGE_SIZE) -> np.ndarray:
+    """One image file -> (size, size, 3) uint8; raises _Skip(reason) if it cannot be used."""
     try:
-        return _to_corpus_format(decode_image(path.read_bytes(), max_pixels=max_pixels))
+        return _to_corpus_format(decode_image(path.read_bytes(), max_pixels=max_pixels), size)
     except UnusableImageError as exc:
         raise _Skip(str(exc)) from exc
 
@@ -220,7 +235,6 @@ def _load_folder(root: Path, max_pixels: int, progress: bool) -> tuple[list, lis
 
 
 def _load_npz(path: Path, max_pixels: int, progress: bool) -> tuple[list, list, list, list]:
-    from PIL import Image
     from tqdm.auto import tqdm
 
     try:
@@ -251,12 +265,8 @@ def _load_npz(path: Path, max_pixels: int, progress: bool) -> tuple[list, list, 
     if raw.ndim == 4 and raw.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3):
         # Already corpus format: no per-image work, bytes untouched.
         return list(raw), labels, [f"{path}#{i}" for i in range(n)], []
-    modes = {1: "L", 3: "RGB", 4: "RGBA"}
-    mode = "L" if raw.ndim == 3 else modes[raw.shape[3]]
-    images = [
-        _to_corpus_format(Image.fromarray(im[..., 0] if im.ndim == 3 and mode == "L" else im, mode))
-        for im in tqdm(raw, desc="convert client images", unit="img", disable=not progress, leave=False)
-    ]
+    images = [_to_corpus_format(_npz_image(im))
+              for im in tqdm(raw, desc="convert client images", unit="img", disable=not progress, leave=False)]
     return images, labels, [f"{path}#{i}" for i in range(n)], []
 
 
@@ -309,6 +319,7 @@ def load_client_images(path: Path, *, max_pixels: int = MAX_PIXELS, progress: bo
         paths=paths,
         n_skipped=len(skipped),
         skipped=skipped,
+        max_pixels=max_pixels,
     )
     if class_names:
         what = f"{len(class_names)} class{'es' if len(class_names) != 1 else ''}"
@@ -316,6 +327,62 @@ def load_client_images(path: Path, *, max_pixels: int = MAX_PIXELS, progress: bo
         what = "unlabelled: " + ("a flat folder, no class sub-folders" if path.is_dir() else "no 'labels' in the .npz")
     log.info("client images: %d from %s (%s, %d skipped)", len(data), path, what, len(skipped))
     return data
+
+
+def _image_source(path: str) -> tuple[Path, int | None] | None:
+    """Where a ``ClientData.paths`` entry can be read again: (file, None), (.npz file, row), or None."""
+    if path and Path(path).is_file():
+        return Path(path), None
+    file, sep, row = path.rpartition("#")
+    if sep and row.isdigit() and file.lower().endswith(".npz") and Path(file).is_file():
+        return Path(file), int(row)
+    return None
+
+
+def client_images_at(data: ClientData, size: int, *, progress: bool = False) -> np.ndarray:
+    """The client's images at ``size`` px (an expert bundle's ``input_size``): (n, size, size, 3) uint8
+    in ``data``'s order.
+
+    At the corpus size, ``data.images`` itself. At another size the files behind ``data.paths``
+    are decoded again at that size (the server decoded its originals the same way for experts
+    trained at it). Images held only in memory (no readable file behind a path) are scaled from
+    their corpus-format pixels instead, with a warning: the experts then see blurrier images
+    than they were trained on.
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise InvalidInputError(f"image size must be a positive integer, got {size!r}")
+    if size == IMAGE_SIZE:
+        return data.images
+    n = len(data.images)
+    sources = [_image_source(p) for p in data.paths] if len(data.paths) == n else [None] * n
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    if any(s is None for s in sources):
+        from PIL import Image
+
+        log.warning("client images: %d of %d have no file to decode again at %d px; scaling their %d px pixels "
+                    "instead (load them with load_client_images for the closest match)",
+                    sum(s is None for s in sources), n, size, IMAGE_SIZE)
+        for i, im in enumerate(data.images):
+            out[i] = to_array(Image.fromarray(np.ascontiguousarray(im), "RGB"), size)
+        return out
+    npz: dict[Path, np.ndarray] = {}
+    with _pixel_limit(data.max_pixels):
+        for i, (file, row) in enumerate(tqdm(sources, desc=f"decode client images at {size} px", unit="img",
+                                             disable=not progress, leave=False)):
+            try:
+                if row is None:
+                    out[i] = _decode_file(file, data.max_pixels, size)
+                    continue
+                if file not in npz:
+                    with np.load(file, allow_pickle=False) as z:
+                        npz[file] = z["images"]
+                out[i] = _to_corpus_format(_npz_image(npz[file][row]), size)
+            except (_Skip, OSError, ValueError, KeyError, IndexError) as exc:
+                raise InvalidInputError(f"{data.paths[i]} could not be read again at {size} px ({exc}); it changed "
+                                        "since the images were loaded: load them again") from exc
+    return out
 
 
 def compute_image_hashes(images: np.ndarray) -> list[str]:

@@ -16,10 +16,12 @@ is one function registered in ``nds._registry.SCORERS``:
   ``cluster_stats``) explains best: mean posterior, equal priors. Works when the client's
   images come from a collection the server never indexed; needs no labels.
 
-The images are decoded once (``nds.client.images.load_client_images``) and, for ``rotation``,
-preprocessed and rotated once for all experts; each expert then runs over them in batches
-under ``torch.inference_mode``. On a GPU (``device``: --device, $NDS_DEVICE, else auto) the
-prepared batches are uploaded once and every expert runs there; on the CPU nothing changes.
+The images are decoded once (``nds.client.images.load_client_images``; again at the bundle's
+``input_size`` where its experts were trained at another size than the corpus's 32 px, by
+``client_images_at``) and, for ``rotation``, preprocessed and rotated once for all experts;
+each expert then runs over them in batches under ``torch.inference_mode``. On a GPU (``device``:
+--device, $NDS_DEVICE, else auto) the prepared batches are uploaded once and every expert runs
+there; on the CPU nothing changes.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from nds._registry import SCORERS
+from nds.config import IMAGE_SIZE
 from nds.errors import InvalidInputError
 from nds.formats.bundle import load_bundle
 from nds.models import experts
@@ -78,7 +81,7 @@ class ScoreResult:
 
 
 def compute_features(model, images: np.ndarray, *, batch_size: int = BATCH_SIZE, device=None) -> np.ndarray:
-    """Frozen expert features of ``images: (n, 32, 32, 3) uint8`` -> (n, feature_dim) float32.
+    """Frozen expert features of ``images: (n, s, s, 3) uint8`` -> (n, feature_dim) float32.
 
     device: where ``model`` is (None: the CPU).
     """
@@ -125,15 +128,15 @@ def _n_folds(codes: np.ndarray, names: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------- scorers
-# Each registers as mode -> scorer(model, images (n, 32, 32, 3) uint8, labels (n,) str | None, *, seed) -> float;
-# score_experts passes ``device=`` too when the model is on a GPU.
+# Each registers as mode -> scorer(model, images (n, s, s, 3) uint8, labels (n,) str | None, *, seed) -> float,
+# s the bundle's input_size; score_experts passes ``device=`` too when the model is on a GPU.
 
 
 @SCORERS.register("linear")
 def score_linear(model, images: np.ndarray, labels, *, seed: int = 0, device=None) -> float:
     """Mean stratified k-fold accuracy of a logistic-regression probe on frozen features.
 
-    images: (n, 32, 32, 3) uint8; labels: (n,) str. k = min(5, smallest class size) >= 2.
+    images: (n, s, s, 3) uint8; labels: (n,) str. k = min(5, smallest class size) >= 2.
     Deterministic for a given seed.
     """
     from sklearn.exceptions import ConvergenceWarning
@@ -169,7 +172,7 @@ def rotated_batches(images: np.ndarray) -> list[tuple[object, object]]:
 
 @SCORERS.register("rotation")
 def score_rotation(model, images: np.ndarray, labels=None, *, seed: int = 0, prepared=None, device=None) -> float:
-    """Share of the four rotations of ``images: (n, 32, 32, 3) uint8`` the expert predicts right.
+    """Share of the four rotations of ``images: (n, s, s, 3) uint8`` the expert predicts right.
 
     prepared: ``rotated_batches(images)``, shared by all experts (made here if None).
     """
@@ -298,20 +301,22 @@ def score_experts(
 ) -> ScoreResult:
     """Score every expert in ``bundle_dir`` on the client's images with scorer ``mode``.
 
-    data: ClientData from ``nds.client.images.load_client_images`` (images (n, 32, 32, 3) uint8).
+    data: ClientData from ``nds.client.images.load_client_images`` (images (n, 32, 32, 3) uint8);
+        the experts see them at the bundle's ``input_size`` (``client_images_at``).
     Returns ScoreResult with scores (K,) in bundle order and the seconds each expert took.
     threads: torch threads while scoring (None: leave torch's setting).
     device: auto | cpu | cuda | cuda:N (None: $NDS_DEVICE, else auto).
     """
     from tqdm.auto import tqdm
 
+    from nds.client.images import client_images_at
     from nds.models.device import is_cpu, pick_device
 
     if mode not in SCORERS:
         raise InvalidInputError(f"unknown scoring mode {mode!r}; choose one of: {', '.join(SCORERS.names())}")
     scorer = SCORERS[mode]
     images = np.asarray(data.images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (experts.EXPERT_INPUT_SIZE,) * 2 + (3,):
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
         raise InvalidInputError(f"client images must be uint8 (n, 32, 32, 3), got {images.dtype} {images.shape}; "
                                 "load them with nds.client.images.load_client_images")
     if len(images) == 0:
@@ -327,11 +332,15 @@ def score_experts(
             _n_folds(codes, names)
     dev = pick_device(device)
     bundle = load_bundle(Path(bundle_dir), verify=True)
-    if bundle.get("input_size") != experts.EXPERT_INPUT_SIZE:
-        raise InvalidInputError(f"bundle input size {bundle.get('input_size')} is not {experts.EXPERT_INPUT_SIZE}; "
+    size = bundle.get("input_size")
+    sizes = range(experts.MIN_INPUT_SIZE, experts.MAX_INPUT_SIZE + 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size not in sizes:
+        raise InvalidInputError(f"bundle input size {size!r} is not one this nds scores at "
+                                f"({experts.MIN_INPUT_SIZE}..{experts.MAX_INPUT_SIZE} px); "
                                 "update nds to the version that made the bundle")
-    if scorer in BUNDLE_SCORERS:
+    if scorer in BUNDLE_SCORERS:  # the extractor resizes the corpus-format images itself
         return _score_bundle(scorer, bundle, images, data.labels, mode=mode, seed=seed, threads=threads, device=dev)
+    images = client_images_at(data, size, progress=progress)
     # One decoded, preprocessed (and for rotation: rotated) pass of the images for all experts.
     prepared = {"prepared": rotated_batches(images)} if scorer is score_rotation else {}
     if not is_cpu(dev):  # the prepared batches go up once; every expert runs on the device
@@ -352,8 +361,8 @@ def score_experts(
             log.debug("expert %s: %s score %.4f in %.2fs", entry.get("expert"), mode, scores[-1], seconds[-1])
     result = ScoreResult(np.asarray(scores, dtype=np.float64), np.asarray(seconds, dtype=np.float64), mode, bundle)
     best = int(np.argmax(result.scores))
-    log.info("scored %d experts (%s) on %d images in %.1fs; best expert %d (%.4f)",
-             len(scores), mode, len(images), time.perf_counter() - t_all, best, result.scores[best])
+    log.info("scored %d experts (%s) on %d images at %d px in %.1fs; best expert %d (%.4f)",
+             len(scores), mode, len(images), size, time.perf_counter() - t_all, best, result.scores[best])
     return result
 
 

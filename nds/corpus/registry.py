@@ -254,7 +254,7 @@ def _inspect(name: str, entry: Entry, max_pixels: int) -> dict | str:
         version = entry.version if entry.version is not None else object_version(entry.uri)
     except ObjectTooLargeError:
         return "too_large"
-    except (ObjectNotFoundError, ObjectAccessError, NDSError) as exc:
+    except NDSError as exc:
         reason = ("missing" if isinstance(exc, ObjectNotFoundError) else
                   "denied" if isinstance(exc, ObjectAccessError) else "unreachable")
         log.debug("%s %s: %s", reason, entry.uri, exc)

@@ -23,6 +23,8 @@ from nds.errors import InvalidInputError, NotFoundError
 
 BUNDLE_FORMAT = 1
 BUNDLE_FILE = "bundle.json"
+#: The input size of every bundle made before it was configurable (``train_experts.image_size``).
+DEFAULT_INPUT_SIZE = 32
 
 
 def write_bundle(
@@ -30,8 +32,9 @@ def write_bundle(
 ) -> dict:
     """Write ``bundle.json`` (atomically) describing the expert files already in ``bundle_dir``.
 
-    network: architecture, input_size, feature_dim and preprocessing of the experts
-        (``nds.models.experts.bundle_fields(arch)``).
+    network: architecture, input_size (the side of the images the experts were trained on, which
+        clients score at), feature_dim and preprocessing of the experts
+        (``nds.models.experts.bundle_fields(arch, input_size)``).
     experts: [{"expert": k, "file": ..., "sha256": ..., "n_images": ..., ...}] in expert order.
     """
     bundle = {
@@ -58,9 +61,16 @@ CHECKED_EXTRAS = ("cluster_stats",)
 
 def bundle_checksum(bundle: dict) -> str:
     """sha256 over the index version, the expert checksums and the scorers' statistics:
-    what a client's scores are tied to."""
+    what a client's scores are tied to.
+
+    An input size other than the default is covered too (a client scoring at another size than
+    the experts saw gets meaningless scores); a default-size bundle keeps the checksum it had
+    before the size was configurable.
+    """
     what = {"index_version": bundle["index_version"], "experts": [e["sha256"] for e in bundle["experts"]]}
     what.update({key: bundle[key] for key in CHECKED_EXTRAS if key in bundle})
+    if bundle.get("input_size", DEFAULT_INPUT_SIZE) != DEFAULT_INPUT_SIZE:
+        what["input_size"] = bundle["input_size"]
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 

@@ -29,7 +29,11 @@ EVAL_BATCH = 1024
 
 def train_expert_on_device(images: np.ndarray, *, arch: str, epochs: int, max_steps: int, batch_size: int,
                            lr: float, val_fraction: float, seed: int, device) -> tuple[object, dict]:
-    """``train_expert`` on ``device`` (CUDA). Returns (model on the CPU, metrics)."""
+    """``train_expert`` on ``device`` (CUDA). Returns (model on the CPU, metrics).
+
+    images: (n, s, s, 3) uint8 at the experts' input size (``train_experts.image_size``), uploaded
+    once as uint8: n * s * s * 3 bytes of GPU memory beside the batches' activations.
+    """
     import torch
 
     n = len(images)
@@ -45,8 +49,8 @@ def train_expert_on_device(images: np.ndarray, *, arch: str, epochs: int, max_st
         model = build_expert(arch)
     steps_per_epoch = max(1, int(np.ceil(len(train_idx) / batch_size)))
     total = min(max_steps, epochs * steps_per_epoch)
-    guard = gpu_memory_guard(device, what=f"training an expert on {n} images", knob="train_experts.batch_size",
-                             value=batch_size)
+    guard = gpu_memory_guard(device, what=f"training an expert on {n} images of {images.shape[1]} px",
+                             knob="train_experts.batch_size", value=batch_size)
     with guard, cuda_stream(device):
         model = model.to(device)
         data = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)

@@ -4,6 +4,9 @@ The network both the server (training) and the client (scoring) run. The expert 
 (`experts/` with `expert_XXX.pt` files and `bundle.json`) is what clients download:
 small, self-describing (``bundle_fields``: architecture, input size, preprocessing) and
 checksummed; the document itself lives in ``nds.formats.bundle``.
+
+The networks end in global pooling, so one architecture trains and scores at any square input
+size (``train_experts.image_size``); the bundle's ``input_size`` says which one its experts saw.
 """
 
 from __future__ import annotations
@@ -27,8 +30,13 @@ log = logging.getLogger(__name__)
 
 _INIT_LOCK = threading.Lock()
 N_ROTATIONS = 4
-#: Experts see the corpus at its stored size; no resize keeps client and server identical.
+#: Experts see the corpus at its stored size by default (``train_experts.image_size``); bundles
+#: made before the size was configurable all say 32.
 EXPERT_INPUT_SIZE = 32
+#: Input sizes a bundle may declare: three stride-2 stages leave 2 px at 16; 256 px already
+#: costs 64x the 32 px compute per image.
+MIN_INPUT_SIZE = 16
+MAX_INPUT_SIZE = 256
 #: Per-channel normalisation applied by experts (documented in bundle.json for clients).
 PREPROCESSING = {"scale": 1 / 255.0, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "layout": "NCHW RGB"}
 
@@ -63,27 +71,31 @@ def build_expert(arch: str):
     return EXPERT_ARCHS[arch]()
 
 
-def bundle_fields(arch: str) -> dict:
-    """What bundle.json records about the network (``nds.formats.bundle.write_bundle(network=...)``)."""
+def bundle_fields(arch: str, input_size: int = EXPERT_INPUT_SIZE) -> dict:
+    """What bundle.json records about the network (``nds.formats.bundle.write_bundle(network=...)``).
+
+    input_size: the side of the square images the experts were trained on.
+    """
     return {
         "architecture": arch,
-        "input_size": EXPERT_INPUT_SIZE,
+        "input_size": input_size,
         "feature_dim": build_expert(arch).feature_dim,
         "preprocessing": PREPROCESSING,
     }
 
 
 def preprocess(images: np.ndarray):
-    """uint8 (n, 32, 32, 3) -> normalised float tensor (n, 3, 32, 32)."""
+    """uint8 (n, s, s, 3) -> normalised float tensor (n, 3, s, s), s the experts' input size."""
     import torch
 
-    if images.ndim != 4 or images.shape[1:] != (EXPERT_INPUT_SIZE, EXPERT_INPUT_SIZE, 3):
-        raise InvalidInputError(f"experts take uint8 images of shape (n, 32, 32, 3), got {images.shape}")
+    if images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
+        raise InvalidInputError(f"experts take square uint8 images of shape (n, s, s, 3), s their input size "
+                                f"(default (n, {EXPERT_INPUT_SIZE}, {EXPERT_INPUT_SIZE}, 3)); got {images.shape}")
     return normalise(torch.from_numpy(np.ascontiguousarray(images)))
 
 
 def normalise(x):
-    """uint8 tensor (n, 32, 32, 3) on any device -> normalised float (n, 3, 32, 32) on that device."""
+    """uint8 tensor (n, s, s, 3) on any device -> normalised float (n, 3, s, s) on that device."""
     import torch
 
     x = x.permute(0, 3, 1, 2).float().mul_(PREPROCESSING["scale"])
@@ -102,13 +114,13 @@ def rotate_batch(x):
 
 
 def rotated_batches(images: np.ndarray, *, batch_size: int = 256) -> Iterator[tuple[object, object]]:
-    """(x (4b, 3, 32, 32), y (4b,)) per `batch_size` images: preprocessed, all four rotations."""
+    """(x (4b, 3, s, s), y (4b,)) per `batch_size` images (n, s, s, 3): preprocessed, all four rotations."""
     for s in range(0, len(images), batch_size):
         yield rotate_batch(preprocess(images[s : s + batch_size]))
 
 
 def rotation_accuracy(model, images: np.ndarray, *, batch_size: int = 256, batches=None, device=None) -> float:
-    """Share of the 4 rotations of `images: (n, 32, 32, 3) uint8` the model gets right.
+    """Share of the 4 rotations of `images: (n, s, s, 3) uint8` the model gets right.
 
     batches: ``list(rotated_batches(images))`` made once and shared by several models (the
     client scores every expert on the same images); made here batch by batch if None.
@@ -160,7 +172,7 @@ def train_expert(
     seed: int = 0,
     device=None,
 ) -> tuple[object, dict]:
-    """Train one rotation expert on `images: (n, 32, 32, 3) uint8` (one cluster).
+    """Train one rotation expert on `images: (n, s, s, 3) uint8` (one cluster, s its input size).
 
     Returns (model, metrics), the model on the CPU. Deterministic for a given seed and thread
     count on the CPU. device: a CUDA ``torch.device`` trains there (nds.models.expert_gpu: the
