@@ -41,23 +41,24 @@ BUCKET = "nds-bench"
 
 
 def make_images(src_data: Path, out: Path, n: int, seed: int = 0) -> list[Path]:
-    """``n`` PNG/JPEG files under ``out/<label>/``, augmented from the packaged corpus arrays."""
+    """``n`` PNG/JPEG files under ``out/<dataset>/``, augmented from the workspace's source images.
+
+    The images are read by catalog ``uri`` (`nds.corpus.read.load_images_at`), so a corpus whose
+    packaged datasets are registered sources (no ``array``/``row`` columns) works as well as one
+    built with arrays.
+    """
     from PIL import Image
 
-    from nds.corpus.read import load_catalog, load_images
-
-    import pyarrow.compute as pc
+    from nds.corpus.read import load_catalog, load_images_at
 
     cat = load_catalog(src_data, split="source")
-    cat = cat.filter(pc.is_valid(cat.column("array")))  # packaged rows (they have pixels to start from)
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, cat.num_rows, n)
-    arrays = np.asarray(cat.column("array").to_pylist(), dtype=object)[pick]
-    rows = np.asarray(cat.column("row").to_pylist())[pick]
+    uris = np.asarray(cat.column("uri").to_pylist(), dtype=object)[pick]
     labels = np.asarray(cat.column("dataset").to_pylist(), dtype=object)[pick]
     paths = []
     for start in range(0, n, 1000):
-        images = load_images(src_data, list(arrays[start:start + 1000]), rows[start:start + 1000])
+        images = load_images_at(src_data, uris[start:start + 1000].tolist())
         for j, im in enumerate(images):
             i = start + j
             size = int(rng.integers(48, 97))
@@ -176,15 +177,18 @@ t = time.perf_counter(); n = 0; model = 0.0
 for a, b in plan:
     e = extract_shard(ws, params, a, b, extractor=ex); n += e["n_samples"]; model += e["model_seconds"]
 wall = time.perf_counter() - t
-# The baseline in the same process, right after: the model alone on ready uint8 batches of this size.
+# The baseline in the same process, right after: the model alone on ready uint8 batches of this size,
+# through the same compute_features loop (same features file writes).
+import tempfile
 import numpy as np
+from nds.models.extractors import compute_features
 x = np.random.default_rng(0).integers(0, 256, (params.extract.batch_size, params.extract.image_size,
                                                 params.extract.image_size, 3), dtype=np.uint8)
 ex(x)
-t = time.perf_counter(); done = 0
-while done < min(max(n, 4 * len(x)), 4096):
-    ex(x); done += len(x)
-raw = done / (time.perf_counter() - t)
+batches = max(4, min(n, 4096) // len(x))
+with tempfile.TemporaryDirectory() as tmp:
+    raw = compute_features((x for _ in range(batches)), batches * len(x), Path(tmp) / "raw.npy",
+                           extractor=ex)["images_per_second"]
 print(json.dumps({{"n": n, "seconds": wall, "model_seconds": model, "raw_forward_img_s": raw,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 
 from nds._io import atomic_file, write_json
 from nds.config import IMAGE_SIZE, Workspace
+from nds.corpus.objects import split_member, uri_kind
 from nds.corpus.read import (
     decode_object,
     image_sha256,
@@ -118,8 +120,11 @@ class _ObjectBatches:
     """Map-style dataset over a registered source's objects: item i is batch i as a pair
     (images at the extractor's size, images in the corpus format for the experts), both uint8.
 
-    Reader processes fetch, verify (sha256) and decode the originals, ``FETCH_THREADS`` objects at
-    a time each; nothing but the current batches is held in memory.
+    Reader processes fetch, verify (sha256) and decode the originals; nothing but the current
+    batches is held in memory. A batch with objects behind a network round trip is fetched
+    ``FETCH_THREADS`` objects at a time; local files and tar members (a remote shard is
+    downloaded once, then read locally) are decoded in the reader's own thread: there threads
+    only contend for the GIL, which doubled a reader's CPU time per image.
     """
 
     def __init__(self, uris: list[str], sha256s: list[str], image_size: int, batch_size: int):
@@ -129,14 +134,22 @@ class _ObjectBatches:
         return -(-len(self.uris) // self.batch_size)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        from concurrent.futures import ThreadPoolExecutor
-
         s = slice(i * self.batch_size, (i + 1) * self.batch_size)
         sizes = (self.image_size, IMAGE_SIZE)
-        with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
-            pairs = list(pool.map(lambda us: decode_object(us[0], sizes, sha256=us[1]),
-                                  zip(self.uris[s], self.sha256s[s])))
+        work = list(zip(self.uris[s], self.sha256s[s]))
+        if any(_latency_bound(uri) for uri, _ in work):
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
+                pairs = list(pool.map(lambda us: decode_object(us[0], sizes, sha256=us[1]), work))
+        else:
+            pairs = [decode_object(uri, sizes, sha256=sha) for uri, sha in work]
         return np.stack([a for a, _ in pairs]), np.stack([b for _, b in pairs])
+
+
+def _latency_bound(uri: str) -> bool:
+    """True for an object fetched by its own network request (S3, HTTP), not a file or tar member."""
+    return split_member(uri) is None and uri_kind(uri) != "file"
 
 
 def loader_workers(requested: int) -> int:
@@ -148,25 +161,50 @@ def loader_workers(requested: int) -> int:
     return requested
 
 
+#: What every reader process imports: the fork server imports it once, readers start with it.
+_READER_PRELOAD = ("numpy", "PIL.Image", "torch", "nds.index.extract")
+
+
 def _reader_context():
-    """Reader processes are forks of this process (fast to start, nothing to re-import); where
-    fork does not exist, spawned."""
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    """Reader processes are forked from a fork server, never from this process.
 
-
-def _reader_init(worker_id: int) -> None:
-    """In a forked reader: drop the exit hooks inherited from this process's threads.
-
-    Prefect's log and event workers register hooks that drain their (parent-side) threads at
-    interpreter exit; run in a fork, where those threads do not exist, they made readers exit
-    with status 1 once a flow had run. A reader only reads the corpus: it has nothing to drain.
+    A fork copies every lock as it is at that instant. This process runs other threads -- a second
+    extraction shard on a Dask or Prefect worker thread starting torch's thread pool, Prefect's log
+    and event workers -- and a reader forked while one of them held a lock (glibc's atexit list,
+    an import lock) waited on it forever: the Dask extraction test hung CI that way. The fork
+    server is a single-threaded process started once, which has imported the readers' modules
+    (``_READER_PRELOAD``), so a reader still starts in milliseconds. Where there is no fork server
+    (not POSIX), readers are spawned.
     """
-    import threading
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(list(_READER_PRELOAD))  # read when the server starts (once)
+        return ctx
+    return multiprocessing.get_context("spawn")
 
-    hooks = getattr(threading, "_threading_atexits", None)
-    if isinstance(hooks, list):
-        hooks.clear()
+
+class _ReaderInit:
+    """A reader's ``worker_init_fn``: the environment of the process that made the loader.
+
+    A reader started by the fork server (or spawned) would otherwise see the environment the
+    server started with, not the current one (an S3 endpoint, credentials or cache folder set
+    since then).
+    """
+
+    def __init__(self):
+        self.environ = dict(os.environ)
+
+    def __call__(self, worker_id: int) -> None:
+        os.environ.clear()
+        os.environ.update(self.environ)
+
+
+def _loader_options(workers: int, prefetch: int) -> dict:
+    """DataLoader keywords for ``workers`` reader processes (none: read in this process)."""
+    if not workers:
+        return {"num_workers": 0}
+    return {"num_workers": workers, "prefetch_factor": prefetch, "multiprocessing_context": _reader_context(),
+            "worker_init_fn": _ReaderInit()}
 
 
 def device_batches(ws: Workspace, catalog, batch_size: int, *, workers: int, pin: bool):
@@ -179,9 +217,7 @@ def device_batches(ws: Workspace, catalog, batch_size: int, *, workers: int, pin
     load_images(ws.data_dir, [arrays[i] for i in first], rows[first])  # S3 objects: fetched once, here
     workers = loader_workers(workers)
     return DataLoader(_CatalogBatches(ws.data_dir, arrays, rows, batch_size), batch_size=None, shuffle=False,
-                      num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None,
-                      multiprocessing_context=_reader_context() if workers else None,
-                      worker_init_fn=_reader_init if workers else None)
+                      pin_memory=pin, **_loader_options(workers, 4))
 
 
 def object_batches(catalog, image_size: int, batch_size: int, *, workers: int, pin: bool = False):
@@ -191,10 +227,7 @@ def object_batches(catalog, image_size: int, batch_size: int, *, workers: int, p
     workers = loader_workers(workers)
     data = _ObjectBatches(catalog.column("uri").to_pylist(), catalog.column("sha256").to_pylist(), image_size,
                           batch_size)
-    return DataLoader(data, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
-                      prefetch_factor=2 if workers else None,
-                      multiprocessing_context=_reader_context() if workers else None,
-                      worker_init_fn=_reader_init if workers else None)
+    return DataLoader(data, batch_size=None, shuffle=False, pin_memory=pin, **_loader_options(workers, 2))
 
 
 def _keep_pixels(batches, pixels: np.ndarray):

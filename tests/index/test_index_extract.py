@@ -100,3 +100,44 @@ def test_no_dataloader_processes_inside_a_daemonic_process():
     p.start()
     p.join(60)
     assert q.get(timeout=5) == 0
+
+
+def test_readers_do_not_inherit_a_lock_another_thread_holds(tmp_path):
+    """A reader is not a fork of this process: a lock another thread holds here (a module being
+    imported, glibc's atexit list while torch starts its thread pool) cannot hang it.
+
+    Forked from this process, the reader below waits forever for the import lock of ``slowmod``,
+    which a thread here holds; started as readers are, it imports the module itself.
+    """
+    import os
+    import sys
+    import threading
+
+    from nds.index.extract import _reader_context
+
+    release = tmp_path / "release"
+    release.touch()
+    (tmp_path / "slowmod.py").write_text(
+        "import os, time\n"
+        f"while os.getpid() == {os.getpid()} and os.path.exists({str(release)!r}):\n"
+        "    time.sleep(0.01)\n")
+    importing = threading.Thread(target=lambda: __import__("slowmod"), daemon=True)
+    sys_path = str(tmp_path)
+    sys.path.insert(0, sys_path)
+    try:
+        importing.start()
+        while "slowmod" not in sys.modules:  # the thread holds the module's import lock from here on
+            pass
+        reader = _reader_context().Process(target=exec, args=(f"import sys; sys.path.insert(0, {sys_path!r}); "
+                                                              "import slowmod",))
+        reader.start()
+        reader.join(30)
+        hung = reader.is_alive()
+        if hung:
+            reader.kill()
+        assert not hung and reader.exitcode == 0
+    finally:
+        release.unlink()
+        importing.join(10)
+        sys.path.remove(sys_path)
+        sys.modules.pop("slowmod", None)
