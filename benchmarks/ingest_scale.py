@@ -6,7 +6,7 @@
 For each size N it writes N images as files (PNG and JPEG, 48-96 px, made from the workspace's
 packaged corpus with random crops, flips and colour jitter, so no two are byte-equal), serves them
 from moto's S3 on loopback, from ``http.server`` on loopback (a link table of ``http://`` urls) and
-as WebDataset shards, then measures in the same run:
+as WebDataset shards (local, and on the same S3 with ``--kinds s3-shards``), then measures in the same run:
 
 - registration (``nds.corpus.registry.add_source``: list, fetch, sha256, decode-check) img/s per location kind;
 - ingestion + extraction (the extract stage on the new source only: DataLoader reader processes fetch,
@@ -227,7 +227,9 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--loader-workers", type=int, default=2)
-    ap.add_argument("--kinds", default="s3,http,webdataset", help="location kinds to register (s3, http, webdataset, folder)")
+    ap.add_argument("--kinds", default="s3,http,webdataset",
+                    help="location kinds to register: s3 (one object per image), http (a link table), webdataset "
+                         "(local shards), s3-shards (the shards on S3), folder")
     ap.add_argument("--dask", action="store_true", help="also check a 2-worker Dask run gives identical features")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
@@ -255,9 +257,11 @@ def main() -> int:
                     locations["s3"] = servers.upload(paths, files, f"img-{n}")
                 if "http" in args.kinds:
                     locations["http"] = str(link_table(paths, files, servers.http_base, tmp / f"links-{n}.parquet"))
-                if "webdataset" in args.kinds:
+                if "webdataset" in args.kinds or "s3-shards" in args.kinds:
                     shards = write_shards(paths, files, tmp / f"shards-{n}")
                     locations["webdataset"] = str(shards[0].parent)
+                    if "s3-shards" in args.kinds:
+                        locations["s3-shards"] = servers.upload(shards, shards[0].parent, f"shards-{n}")
                 for kind in [k for k in args.kinds.split(",") if k in locations]:
                     ws = Workspace(tmp / f"ws-{n}-{kind}")
                     ws.data_dir.mkdir(parents=True)

@@ -42,7 +42,7 @@ class ExtractParams(_Section):
     device: str = "auto"
     #: Inference precision on the device: auto (bf16/fp16 autocast on a GPU, fp32 on the CPU) | fp32 | bf16 | fp16.
     precision: str = "auto"
-    #: DataLoader processes decoding batches on the accelerated path (the CPU path reads in-process).
+    #: DataLoader reader processes fetching and decoding the originals (at most one per CPU).
     loader_workers: int = Field(4, ge=0, le=64)
 
     @field_validator("extractor")
@@ -90,7 +90,7 @@ class TrainExpertsParams(_Section):
     #: Side of the square images the experts train on (bundle.json ``input_size``; clients score at it).
     #: 32 is the corpus format: the extract stage's pixels. Any other size decodes the originals again.
     image_size: int = Field(EXPERT_INPUT_SIZE, ge=MIN_INPUT_SIZE, le=MAX_INPUT_SIZE)
-    #: DataLoader processes decoding the originals at a non-default ``image_size``.
+    #: DataLoader reader processes decoding the originals at a non-default ``image_size`` (at most one per CPU).
     loader_workers: int = Field(4, ge=0, le=64)
 
     @field_validator("arch")

@@ -153,12 +153,18 @@ def _latency_bound(uri: str) -> bool:
 
 
 def loader_workers(requested: int) -> int:
-    """DataLoader processes to use: none inside a daemonic process (a Dask nanny's worker), which may not fork."""
+    """DataLoader processes to use: at most one per CPU this process may run on (more only contend
+    with the model for the same cores), none inside a daemonic process (a Dask nanny's worker),
+    which may not start processes."""
     if requested and multiprocessing.current_process().daemon:
         log.info("extract: daemonic process (a Dask worker with a nanny?): reading batches in-process; "
                  "start workers with --no-nanny for DataLoader processes")
         return 0
-    return requested
+    return min(requested, _cpus())
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 #: What every reader process imports: the fork server imports it once, readers start with it.
