@@ -173,9 +173,17 @@ cat = load_catalog(ws.data_dir, split="source")
 ds = cat.column("dataset").to_pylist()
 plan = [(a, b) for a, b in plan_extract(ws, params) if ds[a] == {source!r}]
 ex = load_placed_extractor(params)
-t = time.perf_counter(); n = 0; model = 0.0
+def peak_rss_mb():
+    # VmHWM, this process image's own peak: ru_maxrss would also hold the benchmark process's resident
+    # set at the fork before exec (its moto server keeps every uploaded object in memory).
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+t = time.perf_counter(); n = 0; model = 0.0; rss = []
 for a, b in plan:
     e = extract_shard(ws, params, a, b, extractor=ex); n += e["n_samples"]; model += e["model_seconds"]
+    rss.append(round(peak_rss_mb()))  # peak so far, MB, after each shard
 wall = time.perf_counter() - t
 # The baseline in the same process, right after: the model alone on ready uint8 batches of this size,
 # through the same compute_features loop (same features file writes).
@@ -190,7 +198,8 @@ with tempfile.TemporaryDirectory() as tmp:
     raw = compute_features((x for _ in range(batches)), batches * len(x), Path(tmp) / "raw.npy",
                            extractor=ex)["images_per_second"]
 print(json.dumps({{"n": n, "seconds": wall, "model_seconds": model, "raw_forward_img_s": raw,
-                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+                   "peak_rss_mb": peak_rss_mb(),
+                   "peak_rss_mb_by_shard": rss}}))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "NDS_ROOT": str(ws_root)})
     if r.returncode:
@@ -240,6 +249,10 @@ def main() -> int:
     from nds.corpus.registry import add_source
 
     sizes = [int(float(s)) for s in args.sizes.split(",")]
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = sorted(set(kinds) - {"s3", "http", "webdataset", "s3-shards", "folder"})
+    if unknown:
+        ap.error(f"--kinds: unknown {', '.join(unknown)}; choose from s3, http, webdataset, s3-shards, folder")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     src_data = Workspace(Path(args.root).resolve()).data_dir
     rows = []
@@ -253,16 +266,16 @@ def main() -> int:
             servers = Servers(files)
             try:
                 locations = {"folder": str(files)}
-                if "s3" in args.kinds:
+                if "s3" in kinds:
                     locations["s3"] = servers.upload(paths, files, f"img-{n}")
-                if "http" in args.kinds:
+                if "http" in kinds:
                     locations["http"] = str(link_table(paths, files, servers.http_base, tmp / f"links-{n}.parquet"))
-                if "webdataset" in args.kinds or "s3-shards" in args.kinds:
+                if "webdataset" in kinds or "s3-shards" in kinds:
                     shards = write_shards(paths, files, tmp / f"shards-{n}")
                     locations["webdataset"] = str(shards[0].parent)
-                    if "s3-shards" in args.kinds:
+                    if "s3-shards" in kinds:
                         locations["s3-shards"] = servers.upload(shards, shards[0].parent, f"shards-{n}")
-                for kind in [k for k in args.kinds.split(",") if k in locations]:
+                for kind in [k for k in kinds if k in locations]:
                     ws = Workspace(tmp / f"ws-{n}-{kind}")
                     ws.data_dir.mkdir(parents=True)
                     ws.params_path.write_text(yaml.safe_dump({
@@ -280,8 +293,8 @@ def main() -> int:
                            "raw_forward_img_s": round(baseline, 1), "ratio": round(ips / baseline, 3),
                            "peak_rss_mb": round(ext["peak_rss_mb"]), "img_s_per_core": round(ips / cores, 1),
                            "core_hours_per_million": round(cores * 1e6 * (reg_s / n + ext["seconds"] / ext["n"]) / 3600, 2),
-                           "make_files_s": round(made, 1)}
-                    if args.dask and kind == args.kinds.split(",")[0]:
+                           "make_files_s": round(made, 1), "peak_rss_mb_by_shard": ext["peak_rss_mb_by_shard"]}
+                    if args.dask and kind == kinds[0]:
                         row["dask_identical"] = dask_identical(ws.root, "outside")
                     rows.append(row)
                     print(json.dumps(row), flush=True)
