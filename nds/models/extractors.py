@@ -8,6 +8,7 @@ float16 `.npy` (memory-mapped while writing, so memory does not grow with N).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -229,6 +230,12 @@ def compute_features(
     }
 
 
+#: Extractions running in this process (threads) and the lock that counts them: the first to
+#: start raises glibc's thresholds, the last to finish restores them.
+_HEAP = {"users": 0, "libc": None}
+_HEAP_LOCK = threading.Lock()
+
+
 @contextmanager
 def _retained_heap():
     """While the model runs, glibc keeps freed activations for the next batch instead of
@@ -238,24 +245,37 @@ def _retained_heap():
     mmapped, zeroed by the kernel page by page and unmapped again -- about 80k page faults and a
     third of the model's CPU time per batch, and far more in a VM whose host is busy. With the
     thresholds raised the next batch reuses the same memory: the features are the same bytes
-    and peak RSS is the forward's working set either way. On exit the thresholds go back to
-    where glibc's own adjustment settles and the unused heap is returned to the system.
+    and peak RSS is the forward's working set either way. When the last extraction of this
+    process ends the thresholds go back to where glibc's own adjustment settles and the unused
+    heap is returned to the system.
     """
-    import ctypes
-    import platform
-
-    libc = None
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        try:
-            libc = ctypes.CDLL(None)
-            libc.mallopt(_M_MMAP_THRESHOLD, _RETAIN_BYTES)
-            libc.mallopt(_M_TRIM_THRESHOLD, _RETAIN_BYTES)
-        except (OSError, AttributeError):  # pragma: no cover - a libc without mallopt
-            libc = None
+    with _HEAP_LOCK:
+        if _HEAP["users"] == 0:
+            _HEAP["libc"] = _raise_thresholds()
+        _HEAP["users"] += 1
     try:
         yield
     finally:
-        if libc is not None:
-            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
-            libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD_MAX)
-            libc.malloc_trim(0)
+        with _HEAP_LOCK:
+            _HEAP["users"] -= 1
+            libc = _HEAP["libc"]
+            if _HEAP["users"] == 0 and libc is not None:
+                libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+                libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD_MAX)
+                libc.malloc_trim(0)
+
+
+def _raise_thresholds():
+    """glibc, with its mmap and trim thresholds raised to ``_RETAIN_BYTES``; None elsewhere."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, _RETAIN_BYTES)
+        libc.mallopt(_M_TRIM_THRESHOLD, _RETAIN_BYTES)
+    except (OSError, AttributeError):  # pragma: no cover - a libc without mallopt
+        return None
+    return libc
