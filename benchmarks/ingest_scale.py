@@ -247,13 +247,14 @@ def main() -> int:
 
     from nds.config import Workspace
     from nds.corpus.registry import add_source
+    from nds.index.extract import available_cpus
 
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = sorted(set(kinds) - {"s3", "http", "webdataset", "s3-shards", "folder"})
     if unknown:
         ap.error(f"--kinds: unknown {', '.join(unknown)}; choose from s3, http, webdataset, s3-shards, folder")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = available_cpus()
     src_data = Workspace(Path(args.root).resolve()).data_dir
     rows = []
     with tempfile.TemporaryDirectory(prefix="nds-ingest-") as tmp:

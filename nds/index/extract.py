@@ -160,10 +160,11 @@ def loader_workers(requested: int) -> int:
         log.info("extract: daemonic process (a Dask worker with a nanny?): reading batches in-process; "
                  "start workers with --no-nanny for DataLoader processes")
         return 0
-    return min(requested, _cpus())
+    return min(requested, available_cpus())
 
 
-def _cpus() -> int:
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 

@@ -90,9 +90,10 @@ def _daemon_workers(q):
 
 def test_no_dataloader_processes_inside_a_daemonic_process():
     """Dask's nanny runs workers as daemonic processes, which may not fork: read in-process there."""
-    from nds.index.extract import _cpus, _reader_context, loader_workers
+    from nds.index.extract import _reader_context, available_cpus, loader_workers
 
-    assert loader_workers(4) == min(4, _cpus()) and loader_workers(0) == 0 and loader_workers(64) == _cpus()
+    cpus = available_cpus()
+    assert loader_workers(4) == min(4, cpus) and loader_workers(0) == 0 and loader_workers(64) == cpus
     ctx = _reader_context()  # not a fork of this threaded process (see the next test)
     q = ctx.Queue()
     p = ctx.Process(target=_daemon_workers, args=(q,), daemon=True)
