@@ -29,6 +29,7 @@ import torch
 from nds.client import scoring
 from nds.client.images import ClientData
 from nds.formats.bundle import load_bundle, write_bundle
+from nds.index.cluster_stats import compute_cluster_stats
 from nds.models import experts
 
 RESULTS = Path(__file__).resolve().parent / "results" / "client_scoring.json"
@@ -44,7 +45,12 @@ def build_bundle(folder: Path, k: int) -> None:
         name = f"expert_{i:03d}.pt"
         sha = experts.save_expert(model, folder / name, meta={"arch": ARCH, "expert": i})
         entries.append({"expert": i, "file": name, "sha256": sha, "n_images": 0})
-    write_bundle(folder, index_version="bench", network=experts.bundle_fields(ARCH), experts=entries)
+    # The features scorer's reference sample: 64 rows per cluster, as an index writes it (random features:
+    # the timing does not depend on their values).
+    rows = compute_cluster_stats(np.random.default_rng(0).random((k * 64, 1280), dtype=np.float32),
+                                 np.repeat(np.arange(k), 64), k=k, extractor="efficientnet_lite0", image_size=64)
+    write_bundle(folder, index_version="bench", network=experts.bundle_fields(ARCH), experts=entries,
+                 extra={"cluster_stats": rows.to_json()})
 
 
 def client_data(n: int, classes: int) -> ClientData:
@@ -55,8 +61,20 @@ def client_data(n: int, classes: int) -> ClientData:
 
 
 def raw_forward(folder: Path, data: ClientData, mode: str) -> float:
-    """Seconds of a naive per-expert loop of forward passes (no loading, no probes)."""
+    """Seconds of a naive per-expert loop of forward passes (no loading, no probes); for
+    features the bare extractor forward, for combined both."""
+    if mode == "combined":
+        return raw_forward(folder, data, "rotation") + raw_forward(folder, data, "features")
     bundle = load_bundle(folder, verify=False)
+    if mode == "features":
+        from nds.models.extractors import load_extractor
+        from nds.params import ExtractParams
+
+        extractor = load_extractor(ExtractParams(image_size=64))
+        t0 = time.perf_counter()
+        for s in range(0, len(data.images), scoring.EXTRACT_BATCH):
+            extractor(data.images[s : s + scoring.EXTRACT_BATCH])
+        return time.perf_counter() - t0
     models = [experts.load_expert(folder / e["file"])[0] for e in bundle["experts"]]
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -76,7 +94,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--modes", nargs="+", default=["rotation", "linear"])
+    ap.add_argument("--modes", nargs="+", default=["rotation", "linear", "features", "combined"])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads (each value is a row)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()

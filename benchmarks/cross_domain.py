@@ -13,7 +13,7 @@ uniform's share of the same budget.
 recipe), which is fine-tuned on the task; gain_k = accuracy - accuracy of `none`. Reported:
 weighted Kendall tau (scipy.stats.weightedtau, the transferability literature's metric)
 between every scorer's per-expert scores and the gains. If the workspace's bundle has no
-cluster_stats yet, they are added in place (what the train_experts stage writes).
+cluster_stats of this format yet, they are written in place (what the train_experts stage writes).
 
 Writes benchmarks/results/cross_domain.json and prints markdown tables.
 """
@@ -31,7 +31,7 @@ from nds.config import Workspace
 from nds.evaluate.strategies import domain_precision, load_source_pool, score_task, select_for_strategy
 from nds.evaluate.tasks import build_target_task
 from nds.formats.bundle import BUNDLE_FILE, write_bundle
-from nds.index.cluster_stats import bundle_cluster_stats
+from nds.index.cluster_stats import STATS_FORMAT, bundle_cluster_stats
 from nds.select.probability import resolve_budget
 
 CROSS_TASKS = ["digits-m", "lcd-digits", "icons", "nebulae"]
@@ -42,10 +42,10 @@ _OWN_KEYS = ("format", "index_version", "k", "architecture", "input_size", "feat
 
 
 def ensure_cluster_stats(ws: Workspace) -> None:
-    """Add cluster_stats to the workspace bundle if the stage that made it predates them."""
+    """(Re)write the workspace bundle's cluster_stats if the stage that made it predates this format."""
     folder = ws.stage_dir("experts")
     bundle = json.loads((folder / BUNDLE_FILE).read_text())
-    if "cluster_stats" in bundle:
+    if bundle.get("cluster_stats", {}).get("format") == STATS_FORMAT:
         return
     extra = {k: v for k, v in bundle.items() if k not in _OWN_KEYS}
     extra["cluster_stats"] = bundle_cluster_stats(ws)

@@ -48,6 +48,8 @@ def evaluate(request: EvaluateRequest, root: str | None = None, progress: bool =
     evaluation_id = new_run_id("eval")
     out_dir = Path(request.out_dir).resolve() if request.out_dir else ws.root / "evaluations" / evaluation_id
     index = load_current_index(ws)
+    if request.scorer is None:  # the client's default for this bundle, recorded as such
+        request = request.model_copy(update={"scorer": nds.evaluate.runner.default_scorer(ws)})
     params = request.model_dump()
     results = run_evaluation(request, str(ws.root), str(out_dir / "work"), progress)
     meta = {"evaluation_id": evaluation_id, "index_version": index.version, "n_source": index.catalog.num_rows,

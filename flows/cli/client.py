@@ -103,9 +103,9 @@ def add_commands(sub) -> None:
     score.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     score.add_argument("--mode", default=None, choices=SCORERS.names(),
                        help="scorer (default: combined where the bundle ships cluster statistics, else rotation; "
-                       "features: the index's public extractor and the bundle's "
-                       "cluster statistics, for images from collections the index has never seen; combined: the "
-                       "mean rank under rotation and features)")
+                       "features: the index's public extractor and the bundle's per-cluster "
+                       "reference sample, for images from collections the index has never seen; combined: the "
+                       "features' votes weighted by how far each expert's rotation accuracy stands out of noise)")
     score.add_argument("--seed", type=int, default=0)
     score.add_argument("--threads", type=int, default=1,
                        help="torch threads while scoring (default 1: fastest for these small experts on shared cores)")

@@ -72,7 +72,9 @@ def add_commands(sub) -> None:
     ev.add_argument("--seeds", type=int, help="number of seeds (0..N-1; default 3)")
     ev.add_argument("--shots", type=int, help="train images per class of a built-in task (default 10)")
     ev.add_argument("--temperature", type=float, help="selection temperature (default: the server's)")
-    ev.add_argument("--scorer", choices=SCORERS.names(), help="how the nds strategy scores the experts (default rotation)")
+    ev.add_argument("--scorer", choices=SCORERS.names(),
+                    help="how the nds strategy scores the experts (default: what `nds client score` uses without "
+                    "--mode: combined where the bundle ships cluster_stats, else rotation)")
     ev.add_argument("--pretrain-steps", type=int,
                     help="cap of pre-training steps (each selection trains 30 epochs within [300, cap] steps)")
     ev.add_argument("--finetune-steps", type=int)

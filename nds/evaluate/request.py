@@ -30,8 +30,9 @@ class EvaluateRequest(BaseModel):
     shots: int = Field(10, ge=1, description="Labelled train images per class of a built-in task.")
     test_per_class: int = Field(50, ge=1)
     temperature: float | None = Field(None, gt=0, description="Selection temperature (default: the server's).")
-    scorer: str = Field("rotation", description="How the nds strategy scores the experts on the train images: "
-                        "rotation, features, combined, linear or logme (nds client score --mode).")
+    scorer: str | None = Field(None, description="How the nds strategy scores the experts on the train images: "
+                               "rotation, features, combined, linear or logme (nds client score --mode); "
+                               "default: what `nds client score` uses for the index's bundle.")
     train: TrainConfig = Field(default_factory=TrainConfig)
     out_dir: str | None = Field(None, description="Output folder (default: evaluations/<evaluation id>).")
 
@@ -54,8 +55,8 @@ class EvaluateRequest(BaseModel):
 
     @field_validator("scorer")
     @classmethod
-    def _known_scorer(cls, value: str) -> str:
-        if value not in SCORERS:
+    def _known_scorer(cls, value: str | None) -> str | None:
+        if value is not None and value not in SCORERS:
             raise ValueError(f"unknown scorer {value!r}; choose from: {', '.join(SCORERS.names())}")
         return value
 

@@ -63,11 +63,18 @@ def _selection_key(positions: np.ndarray, seed: int, config: TrainConfig) -> str
     return h.hexdigest()
 
 
+def default_scorer(ws: Workspace) -> str:
+    """The scorer ``nds client score`` uses without --mode for the workspace's expert bundle."""
+    from nds.formats.bundle import default_mode, load_bundle
+
+    return default_mode(load_bundle(ws.stage_dir("experts"), verify=False))
+
+
 def evaluate(ws: Workspace, tasks: Sequence[str | TargetTask], budgets: Sequence[float], *,
              strategies: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1, 2), shots: int = 10,
              test_per_class: int = 50, config: TrainConfig | None = None, temperature: float | None = None,
              work_dir: Path | None = None, progress: bool = True, device: str | None = None,
-             scorer: str = "rotation") -> pa.Table:
+             scorer: str | None = None) -> pa.Table:
     """Run every (task, strategy, budget, seed); one row per run (``outputs.RESULT_COLUMNS``).
 
     ``tasks``: built-in names (``TASKS``; rebuilt per seed, so the few-shot split varies
@@ -78,7 +85,8 @@ def evaluate(ws: Workspace, tasks: Sequence[str | TargetTask], budgets: Sequence
     not depend on the task), so several tasks cost less than their sum.
     ``work_dir`` keeps the ``nds`` manifests (default: a temporary folder, removed).
     ``device``: where pre-training, fine-tuning and scoring run (None: $NDS_DEVICE, else auto).
-    ``scorer``: how the ``nds`` strategy scores the experts on the task's train images (``SCORERS``).
+    ``scorer``: how the ``nds`` strategy scores the experts on the task's train images (``SCORERS``;
+    None: ``default_scorer``, what ``nds client score`` uses without --mode).
     """
     from nds.models.device import is_cpu, pick_device
     from nds.models.experts import torch_threads
@@ -110,6 +118,7 @@ def _evaluate(ws, tasks, budgets, *, strategies, seeds, shots, test_per_class, c
         raise InvalidInputError("give at least one seed")
     pool = load_source_pool(ws)
     counts = resolve_budgets(budgets, pool.size)
+    scorer = scorer or default_scorer(ws)
     strategies = [s for s in known if s in strategies]
     plan = []
     for s in strategies:

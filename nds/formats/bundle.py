@@ -4,8 +4,9 @@ The expert bundle (a folder of ``expert_XXX.pt`` files and ``bundle.json``) is w
 download. ``bundle.json`` records the network the experts share (architecture, input size,
 feature size, preprocessing; from ``nds.models.experts.bundle_fields``), one entry per expert
 file with its sha256, and ``bundle_sha256``, which ties a client's scores to this bundle.
-It may also hold ``cluster_stats`` (``nds.index.cluster_stats``): per-cluster statistics in the
-public extractor's feature space, numeric arrays packed by ``pack_array``; the checksum covers them.
+It may also hold ``cluster_stats`` (``nds.index.cluster_stats``): a reference sample of every
+cluster in the public extractor's feature space (int8 rows packed by ``pack_array``) for the
+``features`` scorer; the checksum covers it.
 No torch here: the server and the client read the document without loading a network.
 """
 
@@ -145,7 +146,7 @@ def expert_files(bundle: dict, where: str) -> list[str]:
 
 
 def default_mode(bundle: dict) -> str:
-    """The scorer a client uses without ``--mode``: ``combined`` where the bundle ships cluster
-    statistics (it won on in-domain and cross-domain tasks: benchmarks/cross_domain.py), else
-    ``rotation`` (bundles made before the statistics existed)."""
+    """The scorer a client uses without ``--mode``: ``combined`` where the bundle ships
+    ``cluster_stats`` (the best related-domain share on in-domain and cross-domain tasks alike:
+    benchmarks/cross_domain.py), else ``rotation`` (bundles made before they existed)."""
     return "combined" if bundle.get("cluster_stats") else "rotation"

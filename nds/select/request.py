@@ -105,7 +105,8 @@ class SelectRequest(BaseModel):
     temperature: float = Field(
         DEFAULT_TEMPERATURE, gt=0, allow_inf_nan=False, title="Focus (temperature)",
         description="How strongly the draw favours the experts that scored best: smaller is more focused. "
-        f"The default {DEFAULT_TEMPERATURE} suits rotation scores.")
+        f"The default {DEFAULT_TEMPERATURE} suits every scorer (rotation accuracies; the log scores of "
+        "features and combined).")
     method: SamplerChoice = Field(
         "auto", title="Sampling algorithm (advanced)",
         description="Every choice draws from the same distribution; they differ only in speed. Keep auto.")

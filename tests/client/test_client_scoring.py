@@ -1,5 +1,5 @@
 """nds.client.scoring: the fast-adaptation scorers, on a synthetic bundle and on the tiny index; the bundle's
-cluster statistics (nds.index.cluster_stats) that the features scorer reads."""
+per-cluster reference sample (nds.index.cluster_stats) that the features scorer reads."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from nds.client.images import ClientData
 from nds.errors import InvalidInputError, NDSError
 from nds.formats.bundle import BUNDLE_FILE, load_bundle, pack_array, unpack_array, write_bundle
 from nds.formats.scores import write_scores
-from nds.index.cluster_stats import ClusterStats, bundle_cluster_stats, compute_cluster_stats
+from nds.index.cluster_stats import ClusterStats, bundle_cluster_stats, compute_cluster_stats, reference_rows
 from nds.models import experts
 
 # --------------------------------------------------------------------------- synthetic data
@@ -71,7 +71,7 @@ def bundle_dir(tmp_path_factory) -> Path:
 STATS_IMAGE_SIZE = 32
 
 
-def _cluster_stats(kinds, n: int = 24) -> dict:
+def _cluster_stats(kinds, n: int = 64) -> dict:
     """bundle.json's cluster_stats for one cluster per family of synthetic images, in the real extractor's space."""
     from nds.models.extractors import load_extractor
     from nds.params import ExtractParams
@@ -79,7 +79,7 @@ def _cluster_stats(kinds, n: int = 24) -> dict:
     extractor = load_extractor(ExtractParams(image_size=STATS_IMAGE_SIZE))
     feats = np.concatenate([extractor(_shapes(kind, n, 10 + e)) for e, kind in enumerate(kinds)])
     stats = compute_cluster_stats(feats, np.repeat(np.arange(len(kinds)), n), k=len(kinds),
-                                  extractor="efficientnet_lite0", image_size=STATS_IMAGE_SIZE, dim=8)
+                                  extractor="efficientnet_lite0", image_size=STATS_IMAGE_SIZE, per_cluster=16)
     return stats.to_json()
 
 
@@ -276,7 +276,7 @@ def test_features_ranks_the_cluster_whose_features_match_first(bundle_dir):
         data = ClientData(_shapes(kind, 12, 99 + expected), None, [], [""] * 12)  # unlabelled, unseen images
         result = scoring.score_experts(bundle_dir, data, mode="features", progress=False)
         assert int(np.argmax(result.scores)) == expected, (kind, result.scores)
-        assert result.scores.sum() == pytest.approx(1.0) and (result.scores >= 0).all()
+        assert _probabilities(result.scores).sum() == pytest.approx(1.0, abs=0.03)  # T0 log(p + eps), p the votes
 
 
 def test_scores_json_carries_only_k_floats(bundle_dir, tmp_path):
@@ -292,14 +292,25 @@ def test_scores_json_carries_only_k_floats(bundle_dir, tmp_path):
 def test_bundle_stats_round_trip_and_are_checksummed(bundle_dir, tmp_path):
     bundle = load_bundle(bundle_dir)
     stats = ClusterStats.from_bundle(bundle)
-    assert stats.k == 3 and stats.projection.shape == (1280, 8) and stats.image_size == 32
-    assert stats.to_json() == bundle["cluster_stats"]  # float32 in, the same float32 out
+    assert stats.k == 3 and stats.reference.shape == (48, 1280) and stats.image_size == 32
+    assert stats.cluster.tolist() == np.repeat([0, 1, 2], 16).tolist() and stats.neighbours == 10
+    assert stats.to_json() == bundle["cluster_stats"]  # int8 + float32 in, the same out
     shutil.copytree(bundle_dir, tmp_path / "b")
     doc = json.loads((tmp_path / "b" / BUNDLE_FILE).read_text())
     doc["cluster_stats"]["cluster_size"][0] += 1  # a server-side statistic changed after signing
     (tmp_path / "b" / BUNDLE_FILE).write_text(json.dumps(doc))
     with pytest.raises(InvalidInputError, match="checksum mismatch"):
         load_bundle(tmp_path / "b")
+
+
+def test_a_bundle_of_the_old_gaussian_format_names_the_fix(bundle_dir, tmp_path):
+    shutil.copytree(bundle_dir, tmp_path / "b")
+    doc = json.loads((tmp_path / "b" / BUNDLE_FILE).read_text())
+    extra = {"cluster_stats": {**doc["cluster_stats"], "format": 1}}
+    write_bundle(tmp_path / "b", index_version=doc["index_version"], experts=doc["experts"], extra=extra,
+                 network={k: doc[k] for k in ("architecture", "input_size", "feature_dim", "preprocessing")})
+    with pytest.raises(NDSError, match="format 1 is not 2.*rebuild the index.*--mode rotation"):
+        scoring.score_experts(tmp_path / "b", _client(), mode="features", progress=False)
 
 
 def test_a_bundle_without_stats_names_the_other_modes(tmp_path):
@@ -318,33 +329,96 @@ def test_packed_arrays_are_exact_and_malformed_ones_refused():
         unpack_array(bad)
 
 
-def test_compute_cluster_stats_exact_case():
-    # Two tight groups on two axes: the means sit apart along the first principal axis.
+def test_votes_exact_case():
+    # Reference rows on two axes (cluster 0 on x, cluster 1 on y); an image near x votes for 0.
     f = np.zeros((6, 4), np.float32)
-    f[:3, 0], f[3:, 1] = 1.0, 1.0
-    stats = compute_cluster_stats(f, np.array([0, 0, 0, 1, 1, 1]), k=2, extractor="x", image_size=32, dim=1)
-    assert stats.cluster_size.tolist() == [3, 3]
-    assert abs(stats.cluster_mean[0, 0] - stats.cluster_mean[1, 0]) == pytest.approx(np.sqrt(2))
-    assert (stats.cluster_var > 0).all()  # the floor keeps zero-spread clusters finite
+    f[:3, 0], f[3:, 1] = [1.0, 2.0, 3.0], [1.0, 1.0, 5.0]
+    stats = compute_cluster_stats(f, np.array([0, 0, 0, 1, 1, 1]), k=2, extractor="x", image_size=32, neighbours=2)
+    assert stats.cluster_size.tolist() == [3, 3] and stats.reference.dtype == np.int8
+    np.testing.assert_allclose(stats.reference * stats.scale[:, None], np.eye(4)[[0, 0, 0, 1, 1, 1]], atol=1e-6)
+    votes = stats.votes(np.array([[5.0, 0.1, 0, 0], [0.1, 5.0, 0, 0], [1.0, 1.0, 0, 0]]))
+    np.testing.assert_allclose(votes, [[1, 0], [0, 1], [1, 0]], atol=1e-12)  # a tie goes to the earlier rows
     with pytest.raises(InvalidInputError, match="empty"):
-        compute_cluster_stats(f, np.zeros(6, int), k=2, extractor="x", image_size=32, dim=1)
+        compute_cluster_stats(f, np.zeros(6, int), k=2, extractor="x", image_size=32)
+    with pytest.raises(InvalidInputError, match=r"must be \(n, 4\)"):
+        stats.votes(np.zeros((2, 3)))
+
+
+def test_votes_give_a_small_cluster_equal_weight():
+    # Cluster 1 has 1 reference row, cluster 0 has 9: an image between them splits 50/50, not 9:1.
+    f = np.array([[1.0, 0.0]] * 9 + [[0.0, 1.0]], np.float32)
+    stats = compute_cluster_stats(f, np.array([0] * 9 + [1]), k=2, extractor="x", image_size=32, neighbours=10)
+    np.testing.assert_allclose(stats.votes(np.array([[1.0, 1.0]])), [[0.5, 0.5]])
+
+
+def test_reference_rows_are_capped_and_spread_over_each_cluster():
+    a = np.repeat(np.arange(4), [1, 10, 100, 1000])
+    rows = reference_rows(a, 4, per_cluster=8, max_rows=1000)
+    assert np.bincount(a[rows]).tolist() == [1, 8, 8, 8]
+    big = rows[a[rows] == 3]
+    assert big.min() == np.flatnonzero(a == 3).min() and big.max() == len(a) - 1  # first to last member
+    assert np.bincount(a[reference_rows(a, 4, per_cluster=64, max_rows=8)]).tolist() == [1, 2, 2, 2]  # 8 // 4 each
 
 
 def test_tiny_index_stats_match_the_clusters(tiny_index):
     ws, _ = tiny_index
-    doc = bundle_cluster_stats(ws, dim=16)
+    doc = bundle_cluster_stats(ws, per_cluster=16)
     clusters = json.loads((ws.stage_dir("cluster") / "clusters.json").read_text())
     stats = ClusterStats.from_bundle({"k": clusters["k"], "cluster_stats": doc})
     assert stats.cluster_size.tolist() == clusters["sizes"]
+    assert np.bincount(stats.cluster).tolist() == [min(16, s) for s in clusters["sizes"]]
     assert stats.extractor == "efficientnet_lite0" and stats.image_size == 64
     size_mb = len(json.dumps(doc)) / 1e6
-    assert size_mb < 0.2, size_mb  # 1280 x 16 projection + 2 x K x 16 floats
+    assert size_mb < 1.75 * len(stats.cluster) * 1284 / 1e6, size_mb  # int8 rows + scale, base64
 
 
-def test_combined_is_the_mean_rank_of_rotation_and_features(bundle_dir):
+def test_combined_is_the_product_of_features_and_rotation_evidence(bundle_dir):
     data = _client()
     parts = [scoring.score_experts(bundle_dir, data, mode=m, progress=False).scores for m in ("rotation", "features")]
     combined = scoring.score_experts(bundle_dir, data, mode="combined", progress=False)
-    np.testing.assert_allclose(combined.scores, scoring.combine_ranks(*parts))
-    np.testing.assert_allclose(scoring.combine_ranks(np.array([0.1, 0.5, 0.3]), np.array([3.0, 1.0, 2.0])), [0.5] * 3)
-    np.testing.assert_allclose(scoring.combine_ranks(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0])), [0, 0.5, 1])
+    np.testing.assert_allclose(combined.scores, scoring.combine_evidence(*parts, len(data.images)))
+    assert _probabilities(combined.scores).sum() == pytest.approx(1.0, abs=0.03)
+
+
+def _probabilities(scores: np.ndarray) -> np.ndarray:
+    """The distribution p (+ eps) that log_scores encoded."""
+    from nds.select.request import DEFAULT_TEMPERATURE
+
+    return np.exp(np.asarray(scores) / (scoring.SHARPNESS * DEFAULT_TEMPERATURE))
+
+
+def test_log_scores_weigh_clusters_by_a_power_of_the_distribution():
+    from nds.select.probability import compute_expert_weights
+    from nds.select.request import DEFAULT_TEMPERATURE
+
+    p = np.array([0.6, 0.25, 0.15, 0.0])
+    scores = scoring.log_scores(p, 50)
+    # At SHARPNESS x the default temperature the server's weights are p itself (up to eps) ...
+    flat = compute_expert_weights(scores, temperature=scoring.SHARPNESS * DEFAULT_TEMPERATURE)
+    np.testing.assert_allclose(flat, p, atol=0.01)
+    # ... and at the default one p ** SHARPNESS, in p's order all the way down.
+    weights = compute_expert_weights(scores, temperature=DEFAULT_TEMPERATURE)
+    sharp = (p + 1 / (4 * 50 * 4)) ** scoring.SHARPNESS  # eps = 1 / (4 n_images K)
+    np.testing.assert_allclose(weights, sharp / sharp.sum(), rtol=1e-9)
+    assert weights[0] > weights[1] > weights[2] > weights[3] > 0  # a cluster without votes stays reachable
+    # Raw shares under the same temperature leave small runners-up almost alike (0.05 vs 0.03: e^1).
+    tail = np.array([0.9, 0.05, 0.03, 0.02])
+    raw = compute_expert_weights(tail, temperature=DEFAULT_TEMPERATURE)
+    ours = compute_expert_weights(scoring.log_scores(tail, 50), temperature=DEFAULT_TEMPERATURE)
+    assert raw[1] / raw[2] < 3 < 50 < ours[1] / ours[2]
+
+
+def test_combined_weighs_rotation_by_how_far_it_stands_out_of_noise():
+    features = scoring.log_scores(np.array([0.6, 0.3, 0.1]), 50)
+    # Chance-level rotation on 50 images (spread ~ its noise): the features' order stands.
+    noisy = scoring.combine_evidence(np.array([0.24, 0.27, 0.26]), features, 50)
+    assert noisy.argmax() == 0
+    # One expert far out of the noise: it wins over the features' first choice.
+    clear = scoring.combine_evidence(np.array([0.25, 0.26, 0.60]), features, 50)
+    assert clear.argmax() == 2
+    # The same gap on 5 images is weaker evidence than on 500.
+    few, many = (scoring.combine_evidence(np.array([0.25, 0.26, 0.40]), features, n)[2] for n in (5, 500))
+    assert few < many
+    # A cluster without a single vote stays reachable (no log 0).
+    assert np.isfinite(scoring.combine_evidence(np.array([0.9, 0.2, 0.2]),
+                                                scoring.log_scores(np.array([0.0, 0.5, 0.5]), 50), 50)).all()
