@@ -56,8 +56,11 @@ def _cmd_client_score(args) -> int:
     pick_device(args.device)  # --device / $NDS_DEVICE: a missing GPU fails here, before any other work
     layout = _check_score_inputs(args)
     from nds.client.images import compute_image_hashes, load_client_images
-    from nds.client.scoring import score_experts
+    import numpy as np
+
+    from nds.client.scoring import LOG_SCORE_MODES, SHARPNESS, score_experts
     from nds.formats.scores import write_scores
+    from nds.select.request import DEFAULT_TEMPERATURE
 
     data = load_client_images(Path(args.data), progress=not args.quiet)  # logs skipped files itself
     result = score_experts(Path(args.experts), data, mode=args.mode, seed=args.seed, progress=not args.quiet,
@@ -69,7 +72,12 @@ def _cmd_client_score(args) -> int:
     print(f"wrote {args.out}: {len(result.scores)} {args.mode} scores of index {result.bundle['index_version']} "
           f"({len(data.images)} {'' if layout.labelled else 'unlabelled '}images"
           f"{', their hashes' if hashes else ''}; nothing else about them)")
-    print("top experts: " + ", ".join(f"{k} ({result.scores[k]:.3f})" for k in best))
+    if args.mode in LOG_SCORE_MODES:  # T0 * SHARPNESS * log p: show p, the share of the evidence
+        p = np.exp((result.scores - result.scores.max()) / (SHARPNESS * DEFAULT_TEMPERATURE))
+        shown = {k: f"p {v:.2f}" for k, v in enumerate(p / p.sum())}
+    else:
+        shown = {k: f"{v:.3f}" for k, v in enumerate(result.scores)}
+    print("top experts: " + ", ".join(f"{k} ({shown[k]})" for k in best))
     return 0
 
 

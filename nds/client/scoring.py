@@ -332,6 +332,8 @@ def score_combined(rotation: np.ndarray, features: np.ndarray, n_images: int) ->
     return combine_evidence(rotation, features, n_images)
 
 
+#: Modes whose scores are ``log_scores`` of a distribution over the clusters.
+LOG_SCORE_MODES = ("features", "combined")
 #: Scorers made of other scorers' results: mode -> the modes they combine.
 COMPOSITE_SCORERS = {score_combined: ("rotation", "features")}
 

@@ -12,8 +12,9 @@ def rgb(h, w, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-def make_bundle(folder: Path, k: int = 2, *, index_version: str = "v-test") -> dict:
-    """k untrained-ish experts (2 steps) and bundle.json in `folder`."""
+def make_bundle(folder: Path, k: int = 2, *, index_version: str = "v-test", reference: bool = False) -> dict:
+    """k untrained-ish experts (2 steps) and bundle.json in `folder`; with ``reference``, also the
+    features scorer's ``cluster_stats`` (8 random reference rows per cluster, 32 px extractor input)."""
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
     for e in range(k):
@@ -21,5 +22,13 @@ def make_bundle(folder: Path, k: int = 2, *, index_version: str = "v-test") -> d
         name = f"expert_{e:03d}.pt"
         sha = experts.save_expert(model, folder / name, meta={"arch": "rotnet_small", "expert": e})
         entries.append({"expert": e, "file": name, "sha256": sha, **metrics})
+    extra = None
+    if reference:
+        from nds.index.cluster_stats import compute_cluster_stats
+
+        feats = np.random.default_rng(0).random((8 * k, 1280), dtype=np.float32)
+        stats = compute_cluster_stats(feats, np.repeat(np.arange(k), 8), k=k, extractor="efficientnet_lite0",
+                                      image_size=32)
+        extra = {"cluster_stats": stats.to_json()}
     return write_bundle(folder, index_version=index_version, network=experts.bundle_fields("rotnet_small"),
-                        experts=entries)
+                        experts=entries, extra=extra)

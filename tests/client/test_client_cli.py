@@ -89,6 +89,18 @@ def test_flat_folder_is_scored_as_unlabelled_and_says_so(bundle_dir, tmp_path):
     assert not (tmp_path / "l.json").exists()
 
 
+def test_default_scorer_is_combined_where_the_bundle_has_a_reference_sample(tmp_path):
+    make_bundle(tmp_path / "experts", reference=True)
+    data = _images(tmp_path / "data", 6)
+    r = nds("client", "score", "--experts", str(tmp_path / "experts"), "--data", str(data), "--out",
+            str(tmp_path / "s.json"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert load_scores(tmp_path / "s.json")["mode"] == "combined" and "2 combined scores" in r.stdout
+    # Log scores are shown as the share of the evidence each expert gets, not as raw logs.
+    shares = [float(x) for x in re.findall(r"\(p ([0-9.]+)\)", r.stdout)]
+    assert len(shares) == 2 and sum(shares) == pytest.approx(1.0, abs=0.02), r.stdout
+
+
 def test_experts_and_out_are_checked_before_images_are_decoded(bundle_dir, tmp_path):
     data = _images(tmp_path / "task", 4, classes=["a", "b"])
     (data / "a" / "broken.png").write_bytes(b"not a png")  # decoding would log a 'skipped' warning
