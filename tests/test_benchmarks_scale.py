@@ -44,4 +44,4 @@ def test_client_scoring_smoke(tmp_path):
     text = _run([str(REPO / "benchmarks/client_scoring.py"), "--k", "2", "--images", "40", "--classes", "2",
                  "--threads", "1", "--out", str(out)], tmp_path)
     doc = json.loads(out.read_text())
-    assert "| figure |" in text and [r["mode"] for r in doc["rows"]] == ["rotation", "linear"]
+    assert "| figure |" in text and [r["mode"] for r in doc["rows"]] == ["rotation", "linear", "features", "combined"]
