@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,23 +28,38 @@ SELECT_DEPLOYMENT = "select/select"
 INDEX_SUMMARY_KEY = "index-summary"
 CLUSTER_MONTAGE_KEY = "cluster-montage"
 REQUEST_TIMEOUT_S = 30
+RETRY_CODES = (429, 502, 503)   # what the Prefect server and its client treat as retryable
+RETRIES = 5                      # backoff 0.5, 1, 2, 4, 8 s: ~15 s in all
+RETRY_BASE_S = 0.5
 
 
 def api_call(api: str, method: str, path: str, body: dict | None = None):
-    """One JSON request to the Prefect API; None for 404, an NDSError for any other failure."""
+    """One JSON request to the Prefect API; None for 404, an NDSError for any other failure.
+
+    The answers the Prefect server marks as retryable (429, 502, 503: a busy SQLite database
+    answers 503) are retried with exponential backoff, as Prefect's own client does; the
+    server rolls the request back before it answers, so a retry never applies it twice.
+    """
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"{api.rstrip('/')}/{path.lstrip('/')}", data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as resp:
-            text = resp.read()
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            return None
-        detail = exc.read().decode(errors="replace")[:300]
-        raise NDSError(f"Prefect API {method} {path} answered {exc.code}: {detail}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise NDSError(f"Prefect API at {api} unreachable ({exc}): is the server up?") from None
+    url = f"{api.rstrip('/')}/{path.lstrip('/')}"
+    for attempt in range(RETRIES + 1):
+        req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as resp:
+                text = resp.read()
+            break
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            detail = exc.read().decode(errors="replace")[:300]
+            if exc.code in RETRY_CODES and attempt < RETRIES:
+                wait = RETRY_BASE_S * 2 ** attempt
+                log.info("Prefect API %s %s answered %s; retrying in %.1f s", method, path, exc.code, wait)
+                time.sleep(wait)
+                continue
+            raise NDSError(f"Prefect API {method} {path} answered {exc.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise NDSError(f"Prefect API at {api} unreachable ({exc}): is the server up?") from None
     return json.loads(text) if text else None
 
 

@@ -3,6 +3,7 @@
 Test modules import it (`from linkserver import LinkServer, link_server`; tests/client adds
 tests/corpus to sys.path). Each path has a list of answers given in turn, the last one repeating:
 ``server.add("/a.png", (500, b""), (200, data))`` fails once, then serves `data`.
+GET, HEAD, POST and PATCH take the same answers (a request's body is read and dropped).
 An answer is ``(status, body)`` or ``(status, body, delay_s)``; status ``"cut"`` announces the
 body's length but closes the connection after half of it (a truncated transfer).
 """
@@ -90,6 +91,12 @@ def _handler(server: LinkServer):
 
         def do_HEAD(self):
             self._answer(False)
+
+        def _answer_request_with_body(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._answer(True)
+
+        do_POST = do_PATCH = _answer_request_with_body
 
     return Handler
 

@@ -9,12 +9,15 @@ import hashlib
 import json
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from flows.cli import main as nds_main
+from nds.errors import NDSError
 from nds.formats.bundle import load_bundle
 from nds.formats.scores import write_scores
 from nds.params import load_params
@@ -23,6 +26,9 @@ from nds.platform import warehouse
 
 from conftest import REPO
 from s3fixtures import BUCKET, s3_env, s3_server  # noqa: F401  (fixtures)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "corpus"))
+from linkserver import link_server  # noqa: E402,F401  (fixture)
 
 
 def _free_port() -> int:
@@ -46,6 +52,25 @@ def _scores(ws, path, *, index_version=None):
 def _get_json(url: str):
     with urllib.request.urlopen(url, timeout=30) as resp:
         return json.load(resp)
+
+
+def test_api_call_retries_what_prefect_marks_retryable(link_server, monkeypatch):
+    """A busy Prefect server (SQLite locked) answers 503: the call waits and retries; other errors fail at once."""
+    monkeypatch.setattr(prefect_ui, "RETRY_BASE_S", 0.01)
+    api = link_server.url("/api")
+    link_server.add("/api/deployments/d1", (503, b'{"exception_message":"Service Unavailable"}'),
+                    (502, b""), (200, b'{"id": "d1"}'))
+    assert prefect_ui.api_call(api, "PATCH", "deployments/d1", {"parameter_openapi_schema": {}}) == {"id": "d1"}
+    assert link_server.hits["/api/deployments/d1"] == 3
+    link_server.add("/api/artifacts/", (503, b'{"exception_message":"Service Unavailable"}'))
+    with pytest.raises(NDSError, match=r"POST artifacts/ answered 503: .*Service Unavailable"):
+        prefect_ui.api_call(api, "POST", "artifacts/", {"key": "k"})
+    assert link_server.hits["/api/artifacts/"] == prefect_ui.RETRIES + 1
+    link_server.add("/api/deployments/d2", (500, b'{"exception_message":"Internal Server Error"}'), (200, b"{}"))
+    with pytest.raises(NDSError, match="answered 500"):
+        prefect_ui.api_call(api, "GET", "deployments/d2")
+    assert link_server.hits["/api/deployments/d2"] == 1
+    assert prefect_ui.api_call(api, "GET", "deployments/missing") is None
 
 
 def test_server_up_deploy_run_select_down(tiny_index, tmp_path):
