@@ -7,12 +7,15 @@ the share of the selection from the task's related source domain(s) is reported 
 uniform's share of the same budget.
 
     .venv/bin/python benchmarks/cross_domain.py --root WS                       # share table
-    .venv/bin/python benchmarks/cross_domain.py --root WS --tau icons --tau-steps 150
+    .venv/bin/python benchmarks/cross_domain.py --root WS --tasks --tau icons --out icons_tau.json
 
---tau TASK also measures scorer quality: each cluster alone pre-trains the small CNN (a short
-recipe), which is fine-tuned on the task; gain_k = accuracy - accuracy of `none`. Reported:
-weighted Kendall tau (scipy.stats.weightedtau, the transferability literature's metric)
-between every scorer's per-expert scores and the gains. If the workspace's bundle has no
+--tau TASK also measures scorer quality: per seed, each cluster alone pre-trains the small CNN
+(nds evaluate's recipe), which is fine-tuned on the task; gain_k = accuracy - accuracy of
+`none`. Reported: weighted Kendall tau (scipy.stats.weightedtau, the transferability
+literature's metric) between every scorer's per-expert scores and the gains, the same tau
+between two seeds' gains (how stable the ranking to be predicted is), and the mean gain of
+the task's related clusters vs the others. K pre-trainings per seed: run tasks as parallel
+processes (one thread each) with --tasks (none) and separate --out files. If the workspace's bundle has no
 cluster_stats of this format yet, they are written in place (what the train_experts stage writes).
 
 Writes benchmarks/results/cross_domain.json and prints markdown tables.
@@ -75,44 +78,79 @@ def share_table(ws, pool, tasks, scorers, seeds, budget, shots) -> list[dict]:
     return rows
 
 
-def tau_table(ws, pool, name, scorers, seed, shots, steps) -> dict:
-    """Per-cluster transfer gain vs each scorer's scores on one task: weighted Kendall tau."""
+def tau_table(ws, pool, name, scorers, seeds, shots, test_per_class) -> dict:
+    """Per-cluster transfer gain vs each scorer's scores on one task: weighted Kendall tau.
+
+    Per seed: the task's split, the pre-training and the fine-tuning all use that seed; each
+    cluster alone is pre-trained with the default recipe (nds evaluate's, scaled to the
+    cluster's size) and fine-tuned; gain = accuracy - accuracy of `none` of the same seed.
+    The gains of two seeds ranked against each other (`reliability`) bound what any scorer
+    can reach; scorer tau is reported per seed and against the mean gain over seeds.
+    """
     from scipy.stats import weightedtau
 
     from nds.evaluate.training import TrainConfig, finetune_and_test, pretrain
     from nds.models.experts import torch_threads
 
-    config = TrainConfig(pretrain_epochs=None, pretrain_steps=steps, finetune_steps=max(100, steps))
-    task = build_target_task(ws, name, shots=shots, seed=seed, test_per_class=30)
+    config = TrainConfig()
     assignments = pool.index.assignments
-    with torch_threads(1):
-        base = finetune_and_test(None, task.train_images, task.train_labels, task.test_images, task.test_labels,
-                                 config=config, seed=seed)
-        gains = []
-        for k in range(int(assignments.max()) + 1):
-            pos = np.flatnonzero(assignments == k)
-            model = pretrain(pool.images[pos], pool.labels[pos], config=config, seed=seed, progress=False)
-            acc = finetune_and_test(model, task.train_images, task.train_labels, task.test_images,
-                                    task.test_labels, config=config, seed=seed)
-            gains.append(acc - base)
-            print(f"tau {name}: cluster {k} ({len(pos)} images) gain {acc - base:+.3f}", flush=True)
-    out = {"task": name, "none": base, "gains": gains, "steps": steps, "tau": {}}
+    k_total = int(assignments.max()) + 1
+    members = [np.flatnonzero(assignments == k) for k in range(k_total)]
+    gains, nones, scores = [], [], {m: [] for m in scorers}
+    task = None
+    for seed in seeds:
+        task = build_target_task(ws, name, shots=shots, seed=seed, test_per_class=test_per_class)
+        t0 = time.perf_counter()
+        with torch_threads(1):
+            base = finetune_and_test(None, task.train_images, task.train_labels, task.test_images,
+                                     task.test_labels, config=config, seed=seed)
+            row = []
+            for k, pos in enumerate(members):
+                model = pretrain(pool.images[pos], pool.labels[pos], config=config, seed=seed, progress=False)
+                acc = finetune_and_test(model, task.train_images, task.train_labels, task.test_images,
+                                        task.test_labels, config=config, seed=seed)
+                row.append(acc - base)
+                print(f"tau {name} seed {seed}: cluster {k} ({len(pos)} images) gain {acc - base:+.3f} "
+                      f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+        gains.append(row)
+        nones.append(base)
+        for mode in scorers:
+            scores[mode].append(score_task(ws, task, seed=seed, mode=mode)["scores"])
+    gains_arr = np.asarray(gains)
+    mean_gain = gains_arr.mean(axis=0)
+    related = [bool(np.isin(pool.datasets[pos], task.related_domains).mean() >= 0.5) for pos in members]
+    out = {"task": name, "seeds": list(seeds), "shots": shots, "test_images": len(task.test_labels),
+           "none": nones, "gains": gains, "cluster_size": [len(p) for p in members],
+           "cluster_domain": [_majority(pool.datasets[p]) for p in members], "related_cluster": related,
+           "related_gain": float(mean_gain[related].mean()) if any(related) else None,
+           "unrelated_gain": float(mean_gain[~np.asarray(related)].mean()) if not all(related) else None,
+           "reliability": (float(np.mean([weightedtau(gains_arr[a], gains_arr[b]).statistic
+                                          for a in range(len(seeds)) for b in range(a + 1, len(seeds))]))
+                           if len(seeds) > 1 else None),
+           "scores": scores, "tau": {}, "tau_per_seed": {}}
     for mode in scorers:
-        scores = score_task(ws, task, seed=seed, mode=mode)["scores"]
-        out["tau"][mode] = float(weightedtau(scores, gains).statistic)
+        per_seed = [float(weightedtau(scores[mode][i], gains_arr[i]).statistic) for i in range(len(seeds))]
+        out["tau_per_seed"][mode] = per_seed
+        out["tau"][mode] = float(weightedtau(np.mean(scores[mode], axis=0), mean_gain).statistic)
     return out
+
+
+def _majority(datasets: np.ndarray) -> str:
+    names, counts = np.unique(datasets, return_counts=True)
+    return f"{names[np.argmax(counts)]} {counts.max() / counts.sum():.0%}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=".")
-    ap.add_argument("--tasks", nargs="+", default=CROSS_TASKS)
+    ap.add_argument("--tasks", nargs="*", default=CROSS_TASKS, help="share table tasks (none: skip it)")
     ap.add_argument("--scorers", nargs="+", default=SCORERS)
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--budget", type=float, default=0.05)
     ap.add_argument("--shots", type=int, default=5)
     ap.add_argument("--tau", nargs="*", default=[], help="tasks to measure per-cluster transfer gains on")
-    ap.add_argument("--tau-steps", type=int, default=150, help="pre-training steps per cluster for --tau")
+    ap.add_argument("--tau-seeds", type=int, default=2, help="seeds of the per-cluster gains (>= 2 shows their stability)")
+    ap.add_argument("--tau-test", type=int, default=100, help="test images per class for --tau")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cross_domain.json"))
     args = ap.parse_args()
 
@@ -121,23 +159,29 @@ def main() -> None:
     pool = load_source_pool(ws)
     budget = resolve_budget(args.budget if args.budget < 1 else int(args.budget), pool.size)
     rows = share_table(ws, pool, args.tasks, args.scorers, range(args.seeds), budget, args.shots)
-    taus = [tau_table(ws, pool, t, args.scorers, 0, args.shots, args.tau_steps) for t in args.tau]
+    taus = [tau_table(ws, pool, t, args.scorers, range(args.tau_seeds), args.shots, args.tau_test) for t in args.tau]
     result = {"budget": budget, "n_source": pool.size, "shots": args.shots, "seeds": args.seeds, "rows": rows,
               "tau": taus}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"\nrelated-domain share of a {budget}-image selection ({args.budget:g} of {pool.size}), "
-          f"mean of {args.seeds} seed(s), {args.shots} shots/class")
-    print("| task | related | uniform | " + " | ".join(args.scorers) + " |")
-    print("|---|---|---|" + "---|" * len(args.scorers))
+    if rows:
+        print(f"\nrelated-domain share of a {budget}-image selection ({args.budget:g} of {pool.size}), "
+              f"mean of {args.seeds} seed(s), {args.shots} shots/class")
+        print("| task | related | uniform | " + " | ".join(args.scorers) + " |")
+        print("|---|---|---|" + "---|" * len(args.scorers))
     for name in args.tasks:
         rs = [r for r in rows if r["task"] == name]
         cell = lambda key: "-" if rs[0][key] is None else f"{np.mean([r[key] for r in rs]):.2f}"  # noqa: E731
         print(f"| {name} | {rs[0]['related']} | {cell('uniform')} | " + " | ".join(cell(m) for m in args.scorers) + " |")
     for t in taus:
-        print(f"\nweighted Kendall tau, {t['task']} ({t['steps']} pre-training steps per cluster): "
+        print(f"\nweighted Kendall tau, {t['task']} ({len(t['seeds'])} seeds, {t['test_images']} test images; "
+              f"gain ranking seed vs seed {_fmt(t['reliability'])}; mean gain of related clusters "
+              f"{_fmt(t['related_gain'])}, of the others {_fmt(t['unrelated_gain'])}): "
               + ", ".join(f"{m} {v:+.2f}" for m, v in t["tau"].items()))
 
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:+.3f}"
 
 if __name__ == "__main__":
     main()
