@@ -15,8 +15,9 @@ uniform's share of the same budget.
 literature's metric) between every scorer's per-expert scores and the gains, the same tau
 between two seeds' gains (how stable the ranking to be predicted is), and the mean gain of
 the task's related clusters vs the others. K pre-trainings per seed: run tasks as parallel
-processes (one thread each) with --tasks (none) and separate --out files. If the workspace's bundle has no
-cluster_stats of this format yet, they are written in place (what the train_experts stage writes).
+processes (one thread each) with --tasks (none) and separate --out files. If the workspace's
+bundle has no cluster_stats of this format yet, they are written in place (what the
+train_experts stage writes).
 
 Writes benchmarks/results/cross_domain.json and prints markdown tables.
 """
@@ -182,6 +183,7 @@ def main() -> None:
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:+.3f}"
+
 
 if __name__ == "__main__":
     main()
