@@ -15,7 +15,8 @@ uniform's share of the same budget.
 literature's metric) between every scorer's per-expert scores and the gains, the same tau
 between two seeds' gains (how stable the ranking to be predicted is), and the mean gain of
 the task's related clusters vs the others. K pre-trainings per seed: run tasks as parallel
-processes (one thread each) with --tasks (none) and separate --out files. If the workspace's
+processes (one thread each) with --tasks (none) and separate --out files; --tau-merge pools
+the seeds of earlier files (work split across runs or machines). If the workspace's
 bundle has no cluster_stats of this format yet, they are written in place (what the
 train_experts stage writes).
 
@@ -79,61 +80,95 @@ def share_table(ws, pool, tasks, scorers, seeds, budget, shots) -> list[dict]:
     return rows
 
 
-def tau_table(ws, pool, name, scorers, seeds, shots, test_per_class) -> dict:
+def tau_table(ws, pool, name, scorers, seeds, shots, test_per_class, earlier=()) -> dict:
     """Per-cluster transfer gain vs each scorer's scores on one task: weighted Kendall tau.
 
     Per seed: the task's split, the pre-training and the fine-tuning all use that seed; each
     cluster alone is pre-trained with the default recipe (nds evaluate's, scaled to the
     cluster's size) and fine-tuned; gain = accuracy - accuracy of `none` of the same seed.
-    The gains of two seeds ranked against each other (`reliability`) bound what any scorer
-    can reach; scorer tau is reported per seed and against the mean gain over seeds.
+    ``earlier``: this task's entries of earlier runs (other seeds, same index) to pool with.
     """
-    from scipy.stats import weightedtau
-
     from nds.evaluate.training import TrainConfig, finetune_and_test, pretrain
     from nds.models.experts import torch_threads
 
     config = TrainConfig()
-    assignments = pool.index.assignments
-    k_total = int(assignments.max()) + 1
-    members = [np.flatnonzero(assignments == k) for k in range(k_total)]
-    gains, nones, scores = [], [], {m: [] for m in scorers}
-    task = None
+    members = _cluster_members(pool)
+    runs = {int(seed): run for entry in earlier for seed, run in zip(entry["seeds"], _runs(entry))}
     for seed in seeds:
+        if seed in runs:
+            print(f"tau {name} seed {seed}: kept from an earlier run", flush=True)
+            continue
         task = build_target_task(ws, name, shots=shots, seed=seed, test_per_class=test_per_class)
         t0 = time.perf_counter()
         with torch_threads(1):
             base = finetune_and_test(None, task.train_images, task.train_labels, task.test_images,
                                      task.test_labels, config=config, seed=seed)
-            row = []
+            gains = []
             for k, pos in enumerate(members):
                 model = pretrain(pool.images[pos], pool.labels[pos], config=config, seed=seed, progress=False)
                 acc = finetune_and_test(model, task.train_images, task.train_labels, task.test_images,
                                         task.test_labels, config=config, seed=seed)
-                row.append(acc - base)
+                gains.append(acc - base)
                 print(f"tau {name} seed {seed}: cluster {k} ({len(pos)} images) gain {acc - base:+.3f} "
                       f"[{time.perf_counter() - t0:.0f} s]", flush=True)
-        gains.append(row)
-        nones.append(base)
-        for mode in scorers:
-            scores[mode].append(score_task(ws, task, seed=seed, mode=mode)["scores"])
-    gains_arr = np.asarray(gains)
-    mean_gain = gains_arr.mean(axis=0)
-    related = [bool(np.isin(pool.datasets[pos], task.related_domains).mean() >= 0.5) for pos in members]
-    out = {"task": name, "seeds": list(seeds), "shots": shots, "test_images": len(task.test_labels),
-           "none": nones, "gains": gains, "cluster_size": [len(p) for p in members],
-           "cluster_domain": [_majority(pool.datasets[p]) for p in members], "related_cluster": related,
-           "related_gain": float(mean_gain[related].mean()) if any(related) else None,
-           "unrelated_gain": float(mean_gain[~np.asarray(related)].mean()) if not all(related) else None,
-           "reliability": (float(np.mean([weightedtau(gains_arr[a], gains_arr[b]).statistic
-                                          for a in range(len(seeds)) for b in range(a + 1, len(seeds))]))
-                           if len(seeds) > 1 else None),
-           "scores": scores, "tau": {}, "tau_per_seed": {}}
+        runs[seed] = {"none": base, "gains": gains, "test_images": len(task.test_labels),
+                      "scores": {m: score_task(ws, task, seed=seed, mode=m)["scores"] for m in scorers}}
+    related_domains = build_target_task(ws, name, shots=shots, seed=0, test_per_class=1).related_domains
+    return summarise_tau(name, shots, runs, pool, members, related_domains, scorers)
+
+
+def summarise_tau(name, shots, runs: dict, pool, members, related_domains, scorers) -> dict:
+    """The tau entry of one task from its per-seed runs: scorer tau per seed and against the mean
+    gain, the seed-vs-seed tau of the gains (how reproducible the ranking to predict is: it bounds
+    what any scorer can reach) and the mean gain of the related clusters vs the others."""
+    from scipy.stats import weightedtau
+
+    seeds = sorted(runs)
+    gains = np.asarray([runs[s]["gains"] for s in seeds])
+    mean_gain = gains.mean(axis=0)
+    related = np.asarray([bool(np.isin(pool.datasets[pos], related_domains).mean() >= 0.5) for pos in members])
+    pairs = [(a, b) for a in range(len(seeds)) for b in range(a + 1, len(seeds))]
+    out = {"task": name, "seeds": seeds, "shots": shots, "test_images": runs[seeds[0]]["test_images"],
+           "none": [runs[s]["none"] for s in seeds], "gains": gains.tolist(),
+           "cluster_size": [len(p) for p in members],
+           "cluster_domain": [_majority(pool.datasets[p]) for p in members], "related_cluster": related.tolist(),
+           "related_gain": float(mean_gain[related].mean()) if related.any() else None,
+           "unrelated_gain": float(mean_gain[~related].mean()) if not related.all() else None,
+           "reliability": (float(np.mean([weightedtau(gains[a], gains[b]).statistic for a, b in pairs]))
+                           if pairs else None),
+           "scores": {m: [runs[s]["scores"][m] for s in seeds] for m in scorers}, "tau": {}, "tau_per_seed": {}}
     for mode in scorers:
-        per_seed = [float(weightedtau(scores[mode][i], gains_arr[i]).statistic) for i in range(len(seeds))]
-        out["tau_per_seed"][mode] = per_seed
-        out["tau"][mode] = float(weightedtau(np.mean(scores[mode], axis=0), mean_gain).statistic)
+        scores = np.asarray(out["scores"][mode])
+        out["tau_per_seed"][mode] = [float(weightedtau(scores[i], gains[i]).statistic) for i in range(len(seeds))]
+        out["tau"][mode] = float(weightedtau(scores.mean(axis=0), mean_gain).statistic)
     return out
+
+
+def _runs(entry: dict) -> list[dict]:
+    """The per-seed runs stored in one tau entry (summarise_tau's output)."""
+    return [{"none": entry["none"][i], "gains": entry["gains"][i], "test_images": entry["test_images"],
+             "scores": {m: v[i] for m, v in entry["scores"].items()}} for i in range(len(entry["seeds"]))]
+
+
+def _earlier_taus(paths, index_version: str, scorers) -> list[dict]:
+    """The tau entries of earlier result files; exits naming the file if it cannot be pooled."""
+    entries = []
+    for f in paths:
+        doc = json.loads(Path(f).read_text())
+        if doc.get("index_version") != index_version:
+            raise SystemExit(f"--tau-merge {f}: measured on index {doc.get('index_version')}, not the current "
+                             f"{index_version}; per-cluster gains pool only within one index")
+        for entry in doc["tau"]:
+            if missing := set(scorers) - set(entry["scores"]):
+                raise SystemExit(f"--tau-merge {f}: {entry['task']} has no scores of {', '.join(sorted(missing))}; "
+                                 "give the same --scorers as that run")
+        entries += doc["tau"]
+    return entries
+
+
+def _cluster_members(pool) -> list[np.ndarray]:
+    assignments = pool.index.assignments
+    return [np.flatnonzero(assignments == k) for k in range(int(assignments.max()) + 1)]
 
 
 def _majority(datasets: np.ndarray) -> str:
@@ -150,7 +185,10 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.05)
     ap.add_argument("--shots", type=int, default=5)
     ap.add_argument("--tau", nargs="*", default=[], help="tasks to measure per-cluster transfer gains on")
-    ap.add_argument("--tau-seeds", type=int, default=2, help="seeds of the per-cluster gains (>= 2 shows their stability)")
+    ap.add_argument("--tau-seeds", type=int, nargs="+", default=[0, 1],
+                    help="seeds of the per-cluster gains (two or more show how stable they are)")
+    ap.add_argument("--tau-merge", nargs="*", default=[], metavar="JSON",
+                    help="earlier result files whose tau entries (other seeds, same index) are pooled in")
     ap.add_argument("--tau-test", type=int, default=100, help="test images per class for --tau")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cross_domain.json"))
     args = ap.parse_args()
@@ -159,10 +197,12 @@ def main() -> None:
     ensure_cluster_stats(ws)
     pool = load_source_pool(ws)
     budget = resolve_budget(args.budget if args.budget < 1 else int(args.budget), pool.size)
+    earlier = _earlier_taus(args.tau_merge, pool.index.version, args.scorers)
     rows = share_table(ws, pool, args.tasks, args.scorers, range(args.seeds), budget, args.shots)
-    taus = [tau_table(ws, pool, t, args.scorers, range(args.tau_seeds), args.shots, args.tau_test) for t in args.tau]
-    result = {"budget": budget, "n_source": pool.size, "shots": args.shots, "seeds": args.seeds, "rows": rows,
-              "tau": taus}
+    taus = [tau_table(ws, pool, t, args.scorers, args.tau_seeds, args.shots, args.tau_test,
+                      earlier=[e for e in earlier if e["task"] == t]) for t in args.tau]
+    result = {"index_version": pool.index.version, "budget": budget, "n_source": pool.size, "shots": args.shots,
+              "seeds": args.seeds, "rows": rows, "tau": taus}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     if rows:
