@@ -19,7 +19,7 @@ def _cmd_client_fetch(args) -> int:
 
 
 #: Scorers that need no labels (the others need one subfolder per class, >= 2 classes).
-LABEL_FREE_MODES = ("rotation", "features", "combined")
+LABEL_FREE_MODES = ("rotation", "rotation-prob", "features", "combined")
 
 
 def _check_score_inputs(args):
@@ -112,8 +112,9 @@ def add_commands(sub) -> None:
     score.add_argument("--mode", default=None, choices=SCORERS.names(),
                        help="scorer (default: combined where the bundle ships cluster statistics, else rotation; "
                        "features: the index's public extractor and the bundle's per-cluster "
-                       "reference sample, for images from collections the index has never seen; combined: the "
-                       "features' votes weighted by how far each expert's rotation accuracy stands out of noise)")
+                       "reference sample, for images from collections the index has never seen; rotation-prob: the "
+                       "mean probability of the right rotation; combined: the features' votes weighted by how far "
+                       "each expert's rotation-prob stands out of noise)")
     score.add_argument("--seed", type=int, default=0)
     score.add_argument("--threads", type=int, default=1,
                        help="torch threads while scoring (default 1: fastest for these small experts on shared cores)")

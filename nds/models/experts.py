@@ -126,20 +126,37 @@ def rotation_accuracy(model, images: np.ndarray, *, batch_size: int = 256, batch
     client scores every expert on the same images); made here batch by batch if None.
     device: where ``model`` is (None: the CPU); batches are moved there (a no-op if already).
     """
+    return _rotation_mean(model, images, lambda out, y: (out.argmax(1) == y).sum(), batch_size, batches, device)
+
+
+def rotation_confidence(model, images: np.ndarray, *, batch_size: int = 256, batches=None, device=None) -> float:
+    """Mean probability the model gives the right rotation of each of the 4 rotations of
+    `images` (a "soft" accuracy: every image adds its margin, not just right or wrong, so the
+    mean over a few images is less noisy). Arguments as ``rotation_accuracy``."""
+    import torch
+
+    def right(out, y):
+        return torch.softmax(out.float(), 1).gather(1, y.view(-1, 1)).sum()
+
+    return _rotation_mean(model, images, right, batch_size, batches, device)
+
+
+def _rotation_mean(model, images, per_batch, batch_size, batches, device) -> float:
+    """Mean over the 4 rotations of `images` of ``per_batch(logits, labels)`` (a 0-d tensor sum)."""
     import torch
 
     if len(images) == 0:
         return float("nan")
     model.eval()
-    correct = 0
+    total = 0
     with torch.inference_mode():
         for x, y in batches if batches is not None else rotated_batches(images, batch_size=batch_size):
-            if device is not None:  # counted on the device: one synchronisation at the end
+            if device is not None:  # summed on the device: one synchronisation at the end
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                correct = (model(x).argmax(1) == y).sum() + correct
+                total = per_batch(model(x), y) + total
             else:
-                correct += int((model(x).argmax(1) == y).sum())
-    return int(correct) / (N_ROTATIONS * len(images))
+                total += per_batch(model(x), y).item()
+    return float(total) / (N_ROTATIONS * len(images))
 
 
 @contextmanager

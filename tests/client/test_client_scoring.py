@@ -108,6 +108,25 @@ def test_rotation_needs_no_labels(bundle_dir):
     np.testing.assert_allclose(result.scores, manual)
 
 
+def test_rotation_prob_is_the_mean_probability_of_the_right_rotation(bundle_dir):
+    import torch
+
+    data = _client()
+    unlabelled = ClientData(images=data.images, labels=None, class_names=[], paths=data.paths)
+    result = scoring.score_experts(bundle_dir, unlabelled, mode="rotation-prob", progress=False)
+    accuracy = scoring.score_experts(bundle_dir, unlabelled, mode="rotation", progress=False).scores
+    manual = []
+    for e in range(3):
+        model = experts.load_expert(bundle_dir / f"expert_{e:03d}.pt")[0].eval()
+        x, y = experts.rotate_batch(experts.preprocess(data.images))
+        with torch.no_grad():
+            p = torch.softmax(model(x), 1)
+        manual.append(float(p[torch.arange(len(y)), y].mean()))
+    np.testing.assert_allclose(result.scores, manual, rtol=1e-5)
+    assert ((result.scores > 0) & (result.scores < 1)).all()
+    assert not np.allclose(result.scores, accuracy)  # not the hard accuracy
+
+
 def test_linear_on_separable_classes_beats_chance(bundle_dir):
     # L vs noise is trivially separable from any features (noise images are bright everywhere).
     result = scoring.score_experts(bundle_dir, _client(("L", "noise")), mode="linear", progress=False)
@@ -138,7 +157,7 @@ def test_scores_can_be_written_as_scores_json(bundle_dir, tmp_path):
         (ClientData(np.zeros((4, 32, 32, 3), np.uint8), np.array(["a", "a", "a", "cat"]), ["a", "cat"], [""] * 4),
          "linear", r"class\(es\) \['cat'\] have only one"),
         (ClientData(np.zeros((4, 32, 32, 3), np.uint8), None, [], [""] * 4), "magic",
-         "unknown scoring mode 'magic'; choose one of: linear, rotation, logme"),
+         "unknown scoring mode 'magic'; choose one of: linear, rotation, rotation-prob, logme"),
         (ClientData(np.zeros((4, 28, 28, 3), np.uint8), None, [], [""] * 4), "rotation", r"uint8 \(n, 32, 32, 3\)"),
         (ClientData(np.zeros((0, 32, 32, 3), np.uint8), None, [], []), "rotation", "no client images"),
     ],
@@ -374,7 +393,8 @@ def test_tiny_index_stats_match_the_clusters(tiny_index):
 
 def test_combined_is_the_product_of_features_and_rotation_evidence(bundle_dir):
     data = _client()
-    parts = [scoring.score_experts(bundle_dir, data, mode=m, progress=False).scores for m in ("rotation", "features")]
+    parts = [scoring.score_experts(bundle_dir, data, mode=m, progress=False).scores
+             for m in ("rotation-prob", "features")]
     combined = scoring.score_experts(bundle_dir, data, mode="combined", progress=False)
     np.testing.assert_allclose(combined.scores, scoring.combine_evidence(*parts, len(data.images)))
     assert _probabilities(combined.scores).sum() == pytest.approx(1.0, abs=0.03)
@@ -410,8 +430,8 @@ def test_log_scores_weigh_clusters_by_a_power_of_the_distribution():
 
 def test_combined_weighs_rotation_by_how_far_it_stands_out_of_noise():
     features = scoring.log_scores(np.array([0.6, 0.3, 0.1]), 50)
-    # Chance-level rotation on 50 images (spread ~ its noise): the features' order stands.
-    noisy = scoring.combine_evidence(np.array([0.24, 0.27, 0.26]), features, 50)
+    # Chance-level rotation on 50 images (spread well inside its noise, SE ~0.03): the features' order stands.
+    noisy = scoring.combine_evidence(np.array([0.255, 0.262, 0.258]), features, 50)
     assert noisy.argmax() == 0
     # One expert far out of the noise: it wins over the features' first choice.
     clear = scoring.combine_evidence(np.array([0.25, 0.26, 0.60]), features, 50)

@@ -38,5 +38,5 @@ def test_unknown_strategy_is_a_validation_error():
 def test_the_scorer_is_one_of_the_registered_ones_and_cross_domain_tasks_are_known():
     assert EvaluateRequest().scorer is None  # the client's default for the bundle (runner.default_scorer)
     assert EvaluateRequest(scorer="features", tasks=["digits-m", "nebulae"]).scorer == "features"
-    with pytest.raises(ValidationError, match="unknown scorer 'magic'; choose from: linear, rotation, logme, features"):
+    with pytest.raises(ValidationError, match="unknown scorer 'magic'; choose from: linear, rotation, rotation-prob, logme, features"):
         EvaluateRequest(scorer="magic")

@@ -56,7 +56,7 @@ def _valid():
     [
         ({"format": 2}, "unsupported format"),
         ({"format": True}, "unsupported format"),
-        ({"mode": "magic"}, "unknown mode 'magic'; known modes: linear, rotation, logme"),
+        ({"mode": "magic"}, "unknown mode 'magic'; known modes: linear, rotation, rotation-prob, logme"),
         ({"k": 3}, "has 2 values but k = 3"),
         ({"k": True}, "'k' must be a positive integer"),
         ({"scores": [0.1, float("inf")]}, r"scores\[1\] = inf is not a finite number"),

@@ -100,6 +100,8 @@ def test_rotation_accuracy_and_client_features_on_a_device_equal_the_cpu():
     model = experts.build_expert("rotnet_small").eval()
     imgs = _images(40)
     assert experts.rotation_accuracy(model, imgs, device=CPU) == experts.rotation_accuracy(model, imgs)
+    assert experts.rotation_confidence(model, imgs, device=CPU) == pytest.approx(
+        experts.rotation_confidence(model, imgs), rel=1e-6)
     np.testing.assert_array_equal(compute_features(model, imgs, device=CPU), compute_features(model, imgs))
 
 
