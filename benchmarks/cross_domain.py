@@ -16,7 +16,8 @@ literature's metric) between every scorer's per-expert scores and the gains, the
 between two seeds' gains (how stable the ranking to be predicted is), and the mean gain of
 the task's related clusters vs the others. K pre-trainings per seed: run tasks as parallel
 processes (one thread each) with --tasks (none) and separate --out files; --tau-merge pools
-the seeds of earlier files (work split across runs or machines). If the workspace's
+the seeds of earlier files (work split across runs or machines): their gains, with scores made
+again by the scorers as they are now. If the workspace's
 bundle has no cluster_stats of this format yet, they are written in place (what the
 train_experts stage writes).
 
@@ -86,7 +87,8 @@ def tau_table(ws, pool, name, scorers, seeds, shots, test_per_class, earlier=())
     Per seed: the task's split, the pre-training and the fine-tuning all use that seed; each
     cluster alone is pre-trained with the default recipe (nds evaluate's, scaled to the
     cluster's size) and fine-tuned; gain = accuracy - accuracy of `none` of the same seed.
-    ``earlier``: this task's entries of earlier runs (other seeds, same index) to pool with.
+    ``earlier``: this task's entries of earlier runs (other seeds, same index) to pool with: their
+    gains are kept, their scores made again (seconds) with ``scorers`` as they are now.
     """
     from nds.evaluate.training import TrainConfig, finetune_and_test, pretrain
     from nds.models.experts import torch_threads
@@ -95,10 +97,11 @@ def tau_table(ws, pool, name, scorers, seeds, shots, test_per_class, earlier=())
     members = _cluster_members(pool)
     runs = {int(seed): run for entry in earlier for seed, run in zip(entry["seeds"], _runs(entry))}
     for seed in seeds:
-        if seed in runs:
-            print(f"tau {name} seed {seed}: kept from an earlier run", flush=True)
-            continue
         task = build_target_task(ws, name, shots=shots, seed=seed, test_per_class=test_per_class)
+        if seed in runs:  # the gains are kept; the scores are cheap and follow the scorers' current code
+            print(f"tau {name} seed {seed}: gains kept from an earlier run, scores made again", flush=True)
+            runs[seed]["scores"] = {m: score_task(ws, task, seed=seed, mode=m)["scores"] for m in scorers}
+            continue
         t0 = time.perf_counter()
         with torch_threads(1):
             base = finetune_and_test(None, task.train_images, task.train_labels, task.test_images,
@@ -150,7 +153,7 @@ def _runs(entry: dict) -> list[dict]:
              "scores": {m: v[i] for m, v in entry["scores"].items()}} for i in range(len(entry["seeds"]))]
 
 
-def _earlier_taus(paths, index_version: str, scorers) -> list[dict]:
+def _earlier_taus(paths, index_version: str) -> list[dict]:
     """The tau entries of earlier result files; exits naming the file if it cannot be pooled."""
     entries = []
     for f in paths:
@@ -158,10 +161,6 @@ def _earlier_taus(paths, index_version: str, scorers) -> list[dict]:
         if doc.get("index_version") != index_version:
             raise SystemExit(f"--tau-merge {f}: measured on index {doc.get('index_version')}, not the current "
                              f"{index_version}; per-cluster gains pool only within one index")
-        for entry in doc["tau"]:
-            if missing := set(scorers) - set(entry["scores"]):
-                raise SystemExit(f"--tau-merge {f}: {entry['task']} has no scores of {', '.join(sorted(missing))}; "
-                                 "give the same --scorers as that run")
         entries += doc["tau"]
     return entries
 
@@ -197,7 +196,7 @@ def main() -> None:
     ensure_cluster_stats(ws)
     pool = load_source_pool(ws)
     budget = resolve_budget(args.budget if args.budget < 1 else int(args.budget), pool.size)
-    earlier = _earlier_taus(args.tau_merge, pool.index.version, args.scorers)
+    earlier = _earlier_taus(args.tau_merge, pool.index.version)
     rows = share_table(ws, pool, args.tasks, args.scorers, range(args.seeds), budget, args.shots)
     taus = [tau_table(ws, pool, t, args.scorers, args.tau_seeds, args.shots, args.tau_test,
                       earlier=[e for e in earlier if e["task"] == t]) for t in args.tau]

@@ -437,8 +437,12 @@ def test_combined_weighs_rotation_by_how_far_it_stands_out_of_noise():
     clear = scoring.combine_evidence(np.array([0.25, 0.26, 0.60]), features, 50)
     assert clear.argmax() == 2
     # The same gap on 5 images is weaker evidence than on 500.
-    few, many = (scoring.combine_evidence(np.array([0.25, 0.26, 0.40]), features, n)[2] for n in (5, 500))
-    assert few < many
+    few, many, more = (_probabilities(scoring.combine_evidence(np.array([0.26, 0.26, 0.40]), features, n))
+                       for n in (5, 500, 5000))
+    assert few[2] < many[2]
+    # Past ROTATION_Z_CAP standard errors more images add nothing: the features keep a say.
+    np.testing.assert_allclose(more, many, atol=1e-3)
+    assert 0.001 < many[0] < many[2]
     # A cluster without a single vote stays reachable (no log 0).
     assert np.isfinite(scoring.combine_evidence(np.array([0.9, 0.2, 0.2]),
                                                 scoring.log_scores(np.array([0.0, 0.5, 0.5]), 50), 50)).all()
