@@ -18,13 +18,10 @@ def _cmd_client_fetch(args) -> int:
     return 0
 
 
-#: Scorers that need no labels (the others need one subfolder per class, >= 2 classes).
-LABEL_FREE_MODES = ("rotation", "rotation-prob", "features", "combined")
-
-
 def _check_score_inputs(args):
     """--out, --experts and --data, checked before any image is decoded; returns the data layout."""
     from nds.client.images import inspect_client_data
+    from nds.client.scoring import needs_labels
     from nds.formats.bundle import load_bundle
 
     out = Path(args.out)
@@ -41,7 +38,7 @@ def _check_score_inputs(args):
         layout = inspect_client_data(Path(args.data))
     except NDSError as exc:
         raise type(exc)(f"--data {exc}") from exc
-    if args.mode not in LABEL_FREE_MODES and len(layout.class_names) < 2:
+    if needs_labels(args.mode) and len(layout.class_names) < 2:
         raise InvalidInputError(
             f"--mode {args.mode} needs labelled images in >= 2 classes, but --data {args.data} holds "
             f"{layout.describe()}: put them in one subfolder per class (or give an .npz with 'labels'), "

@@ -364,6 +364,15 @@ LOG_SCORE_MODES = ("features", "combined")
 COMPOSITE_SCORERS = {score_combined: ("rotation-prob", "features")}
 
 
+def needs_labels(mode: str) -> bool:
+    """Whether scorer ``mode`` needs the client's labels (the rotation and bundle scorers, and
+    composites of them, do not)."""
+    scorer = SCORERS[mode]
+    if scorer in COMPOSITE_SCORERS:
+        return any(needs_labels(part) for part in COMPOSITE_SCORERS[scorer])
+    return scorer not in (*ROTATION_SCORERS, *BUNDLE_SCORERS)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -404,7 +413,7 @@ def score_experts(
                  for m in COMPOSITE_SCORERS[scorer]]
         return ScoreResult(np.asarray(scorer(*(p.scores for p in parts), len(images)), dtype=np.float64),
                            sum(p.seconds_per_expert for p in parts), mode, parts[0].bundle)
-    if scorer not in (*ROTATION_SCORERS, *BUNDLE_SCORERS):  # fail on the labels before any expert runs
+    if needs_labels(mode):  # fail on the labels before any expert runs
         codes, names = _label_codes(data.labels, mode)
         if scorer is score_linear:
             _n_folds(codes, names)
